@@ -1,0 +1,71 @@
+"""What a budget is: a boolean per LLM layer saying "this layer runs full self-attention".
+
+A budget is plain data, bool[B, L] (one row per sample). It flows config → here → the compiled
+step's arguments → `models/visor.py`, where each layer reads its bit and skips its visual work
+when off. Changing it never recompiles.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from visor_jax.config_lib import ModelConfig
+
+
+def from_layers(cfg: ModelConfig, sa_layers: Sequence[int], batch: int = 1) -> np.ndarray:
+  """bool[batch, L] with the given layers on; indices are validated."""
+  out = np.zeros((batch, cfg.num_layers), bool)
+  for i in sa_layers:
+    if not 0 <= int(i) < cfg.num_layers:
+      raise ValueError(f"budget: SA layer {i} is out of range [0, {cfg.num_layers}).")
+    out[:, int(i)] = True
+  return out
+
+
+def all_sa(cfg: ModelConfig, batch: int = 1) -> np.ndarray:
+  """Every layer self-attends over [vision; text]: the original LLaVA-OV."""
+  return from_layers(cfg, range(cfg.num_layers), batch)
+
+
+def ca_only(cfg: ModelConfig, batch: int = 1) -> np.ndarray:
+  """No SA layer: text reads vision only through the cross-attention layers."""
+  return from_layers(cfg, [], batch)
+
+
+def first_candidates(cfg: ModelConfig, k: int, batch: int = 1) -> np.ndarray:
+  """The first k SA candidates on (k > #candidates is an error)."""
+  cands = cfg.visor.sa_candidates
+  if not 0 <= k <= len(cands):
+    raise ValueError(f"budget: {k} SA layers requested, model has {len(cands)} candidates.")
+  return from_layers(cfg, cands[:k], batch)
+
+
+def spread_candidates(cfg: ModelConfig, k: int, batch: int = 1) -> np.ndarray:
+  """k SA candidates spread evenly over the candidate list (always including the last)."""
+  cands = cfg.visor.sa_candidates
+  if not 0 <= k <= len(cands):
+    raise ValueError(f"budget: {k} SA layers requested, model has {len(cands)} candidates.")
+  if k == 0:
+    return ca_only(cfg, batch)
+  picks = np.round(np.linspace(len(cands) - 1, 0, k)[::-1]).astype(int) if k > 1 else [len(cands) - 1]
+  return from_layers(cfg, [cands[i] for i in picks], batch)
+
+
+def check(cfg: ModelConfig, budget, batch: int) -> np.ndarray:
+  """Validates a budget's shape and dtype before it reaches a compiled function."""
+  b = np.asarray(budget)
+  if b.dtype != bool:
+    raise ValueError(f"budget: expected a bool array, got dtype {b.dtype}.")
+  if b.ndim == 1:
+    b = np.broadcast_to(b, (batch, b.shape[0]))
+  if b.shape != (batch, cfg.num_layers):
+    raise ValueError(f"budget: expected bool[{batch}, {cfg.num_layers}] (one bit per LLM "
+                     f"layer), got shape {np.shape(budget)}.")
+  return b
+
+
+def describe(budget_row: np.ndarray) -> str:
+  """'SA{1,4}' style label for logs."""
+  layers = np.flatnonzero(budget_row)
+  return "SA{" + ",".join(map(str, layers)) + "}" if len(layers) else "CA-only"

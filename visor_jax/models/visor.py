@@ -1,0 +1,186 @@
+"""VISOR: the LLM layer stack whose visual work is switched, per layer and per sample, by data.
+
+For each layer l (method note, "VISOR layers"):
+
+    if budget[b, l]:   [V; T] = layer_l([V; T])          # SA: the original layer, full causal
+    elif l in CA:      T = layer_l(T + CrossAttn_l(T, V)) # CA: text reads vision, V unchanged
+    else:              T = layer_l(T)                     # text-only, V unchanged
+
+The budget is a bool[B, L] *array*: one compiled program serves every budget. Inside a
+`lax.scan` over layers, a `lax.switch` picks per layer between "nobody in the batch runs SA"
+(text path only), "everybody runs SA" (SA path only) and "mixed" (both, then a per-sample
+select). So an off bit really skips the visual work instead of computing and masking it, and
+per-sample budgets give each sample exactly what it would get alone.
+
+V and T are kept as two streams in any array order; causality comes from the original position
+ids (`nn.causal_mask`), so "every layer SA" with the new parts at their zero init is exactly
+LLaVA-OV.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from visor_jax.config_lib import ModelConfig, TextConfig
+from visor_jax.models.nn import RMSNorm, attention, causal_mask
+from visor_jax.models.qwen2 import Qwen2Attention, Qwen2Layer
+
+Array = jax.Array
+
+
+class CrossAttention(nnx.Module):
+  """Text queries read visual keys/values. Own pre-norms and projections, no RoPE.
+
+  Starts as an exact no-op: either the output projection is zero ('zero_out') or the output is
+  scaled by tanh(gate) with gate = 0 ('tanh'). A text token reads only visual tokens placed
+  before it in the original sequence (the original model's causality).
+  """
+
+  def __init__(self, cfg: TextConfig, gate: str, *, rngs: nnx.Rngs, dtype, param_dtype):
+    d = cfg.hidden_size
+    self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.kv_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype)
+    zero_out = gate == "zero_out"
+    self.attn = Qwen2Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                               use_rope=False,
+                               o_init=nnx.initializers.zeros_init() if zero_out else None)
+    self.gate = None if zero_out else nnx.Param(jnp.zeros((), param_dtype), sharding_names=())
+
+  def __call__(self, t: Array, v: Array, t_pos: Array, v_pos: Array, v_valid: Array,
+               impl: str | None = None) -> Array:
+    """t: float[B, T, D], v: float[B, N, D] → the residual update float[B, T, D]."""
+    k, val = self.attn.project_kv(self.kv_norm(v), v_pos)
+    mask = (v_pos[:, None, None, :] < t_pos[:, None, :, None]) & v_valid[:, None, None, :]
+    a = attention(self.attn.project_q(self.q_norm(t), t_pos), k, val, mask, implementation=impl)
+    # A text token before the image has no key to read: give it exactly nothing.
+    a = a * jnp.any(mask, axis=-1)[:, 0, :, None, None].astype(a.dtype)
+    out = self.attn.output(a)
+    return out if self.gate is None else jnp.tanh(self.gate[...]).astype(out.dtype) * out
+
+
+class PositionalConv(nnx.Module):
+  """Conditional positional embedding: V + pointwise(depthwise_k(V)), pointwise zero-init.
+
+  A 1D depthwise-separable convolution (kernel k, 'same' zero padding) over the packed visual
+  token sequence. Invalid (padding) tokens are zeroed first so they act as the zero padding.
+  """
+
+  def __init__(self, dim: int, kernel: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+    init = nnx.initializers.normal(1.0 / kernel)
+    self.depthwise = nnx.Param(init(rngs.params(), (kernel, dim), param_dtype),
+                               sharding_names=(None, "embed"))
+    self.depthwise_bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=("embed",))
+    self.pointwise = nnx.Param(jnp.zeros((dim, dim), param_dtype),
+                               sharding_names=("embed", "embed_out"))
+    self.pointwise_bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=("embed",))
+    self.kernel, self.dtype = kernel, dtype
+
+  def __call__(self, v: Array, valid: Array) -> Array:
+    """v: float[B, N, D], valid: bool[B, N] → float[B, N, D]."""
+    v = v * valid[..., None].astype(v.dtype)
+    half, n = self.kernel // 2, v.shape[1]
+    padded = jnp.pad(v, ((0, 0), (half, half), (0, 0)))
+    w = self.depthwise[...].astype(self.dtype)
+    dw = sum(padded[:, i:i + n] * w[i] for i in range(self.kernel))
+    dw = dw + self.depthwise_bias[...].astype(self.dtype)
+    pw = jnp.dot(dw, self.pointwise[...].astype(self.dtype))
+    return v + pw + self.pointwise_bias[...].astype(self.dtype)
+
+
+def _stack(n: int, make):
+  """n independently initialised copies of a module, parameters stacked on a 'layers' axis."""
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n,
+            transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(rngs):
+    return make(rngs)
+  return build
+
+
+class VisorDecoder(nnx.Module):
+  """The LLM layer stack plus VISOR's cross-attention and positional conv."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    t, z = cfg.text, cfg.visor
+    self.cfg = cfg
+    self.layers = _stack(t.num_layers, lambda r: Qwen2Layer(
+        t, rngs=r, dtype=dtype, param_dtype=param_dtype,
+        attention_impl=cfg.attention_impl))(rngs)
+    self.cross = (_stack(len(z.ca_layers), lambda r: CrossAttention(
+        t, z.ca_gate, rngs=r, dtype=dtype, param_dtype=param_dtype))(rngs)
+                  if z.ca_layers else None)
+    self.pos_conv = (PositionalConv(t.hidden_size, z.pos_conv_kernel, rngs=rngs, dtype=dtype,
+                                    param_dtype=param_dtype) if z.pos_conv else None)
+    self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
+
+  def __call__(self, text: Array, vis: Array, text_pos: Array, vis_pos: Array,
+               text_valid: Array, vis_valid: Array, budget: Array) -> Array:
+    """Runs all layers; returns the final-normed text hidden states float[B, T, D].
+
+    text: float[B, T, D]; vis: float[B, N, D]; *_pos: int32; *_valid: bool; budget: bool[B, L].
+    """
+    if self.pos_conv is not None:
+      vis = self.pos_conv(vis, vis_valid)
+    text, _ = self.run_layers(text, vis, text_pos, vis_pos, text_valid, vis_valid, budget,
+                              0, self.cfg.num_layers)
+    return self.norm(text)
+
+  def run_layers(self, text, vis, text_pos, vis_pos, text_valid, vis_valid, budget,
+                 start: int, stop: int) -> tuple[Array, Array]:
+    """Layers [start, stop) as one `lax.scan`; returns (text, vis) hidden states."""
+    cfg = self.cfg
+    impl = cfg.attention_impl
+    n_text = text.shape[1]
+    ca_slot = np.zeros(cfg.num_layers, np.int32)
+    ca_slot[list(cfg.visor.ca_layers)] = np.arange(len(cfg.visor.ca_layers))
+    is_ca = np.zeros(cfg.num_layers, bool)
+    is_ca[list(cfg.visor.ca_layers)] = True
+    all_pos = jnp.concatenate([vis_pos, text_pos], axis=1)
+    all_valid = jnp.concatenate([vis_valid, text_valid], axis=1)
+
+    layer_def, layer_state = nnx.split(self.layers)
+    layer_state = jax.tree.map(lambda a: a[start:stop], layer_state)
+    if self.cross is not None:
+      cross_def, cross_state = nnx.split(self.cross)
+
+    def text_path(layer, t, v, l_is_ca, l_ca_slot):
+      if self.cross is not None:
+        def with_ca(t):
+          ca = nnx.merge(cross_def, jax.tree.map(lambda a: a[l_ca_slot], cross_state))
+          return t + ca(t, v, text_pos, vis_pos, vis_valid, impl)
+        t = jax.lax.cond(l_is_ca, with_ca, lambda t: t, t)
+      return layer(t, text_pos, causal_mask(text_pos, text_pos, text_valid))
+
+    def sa_path(layer, t, v):
+      x = layer(jnp.concatenate([v, t], axis=1), all_pos,
+                causal_mask(all_pos, all_pos, all_valid))
+      return x[:, -n_text:], x[:, :-n_text]
+
+    def body(carry, xs):
+      t, v = carry
+      layer_state_l, bits, l_is_ca, l_ca_slot = xs
+      layer = nnx.merge(layer_def, layer_state_l)
+
+      def none_sa(t, v):
+        return text_path(layer, t, v, l_is_ca, l_ca_slot), v
+
+      def all_sa(t, v):
+        return sa_path(layer, t, v)
+
+      def mixed(t, v):
+        t_text = text_path(layer, t, v, l_is_ca, l_ca_slot)
+        t_sa, v_sa = sa_path(layer, t, v)
+        on = bits[:, None, None]
+        return jnp.where(on, t_sa, t_text), jnp.where(on, v_sa, v)
+
+      mode = jnp.where(jnp.all(bits), 1, jnp.where(jnp.any(bits), 2, 0))
+      return jax.lax.switch(mode, [none_sa, all_sa, mixed], t, v), None
+
+    if cfg.remat:
+      body = jax.checkpoint(body)
+    xs = (layer_state, budget.T[start:stop], jnp.asarray(is_ca[start:stop]),
+          jnp.asarray(ca_slot[start:stop]))
+    (text, vis), _ = jax.lax.scan(body, (text, vis), xs)
+    return text, vis
