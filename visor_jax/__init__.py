@@ -1,7 +1,1 @@
 """visor_jax: VISOR (sparse, budget-switched vision-language interaction) on LLaVA-OneVision in JAX/Flax."""
-import flax
-
-# Parameters carry *logical* axis names as metadata; the mesh mapping is applied later by
-# `sharding.py` from the config's rules table. Eager sharding would need a mesh at
-# construction time (and break `jax.eval_shape` of full-size configs on a laptop).
-flax.config.update("flax_always_shard_variable", False)

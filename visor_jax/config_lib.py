@@ -138,8 +138,8 @@ def model_config(m: ml_collections.ConfigDict | dict) -> ModelConfig:
   for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
               "num_kv_heads"):
     _positive(f"model.text.{key}", t[key])
-  if v.image_size % v.patch_size:
-    raise ValueError(f"model.vision.image_size={v.image_size} is not a multiple of "
+  if v.image_size < v.patch_size:
+    raise ValueError(f"model.vision.image_size={v.image_size} is smaller than "
                      f"model.vision.patch_size={v.patch_size}.")
   if v.hidden_size % v.num_heads:
     raise ValueError("model.vision.hidden_size must be divisible by model.vision.num_heads.")

@@ -69,6 +69,7 @@ class LlavaOnevision(nnx.Module):
 
   def hidden_states(self, inputs: Mapping[str, Array], budget: Array) -> Array:
     """Final-normed text hidden states float[B, T, D]."""
+    validate_inputs(self.cfg, inputs, budget)
     text = self.embed[...][inputs["tokens"]].astype(self.dtype)
     vis = self.visual_tokens(inputs["pixels"], inputs["vis_src"], inputs["vis_weight"],
                              inputs["vis_newline"])
@@ -91,22 +92,27 @@ def validate_inputs(cfg: ModelConfig, inputs: Mapping[str, Array], budget) -> No
   missing = [k for k in INPUT_KEYS if k not in inputs]
   if missing:
     raise ValueError(f"model inputs are missing {missing}.")
-  b, t = np.shape(inputs["tokens"])
+  shape = lambda key: tuple(inputs[key].shape)
+  if len(shape("tokens")) != 2:
+    raise ValueError(f"tokens: expected int32[B, T], got shape {shape('tokens')}.")
+  b, t = shape("tokens")
   s = cfg.vision.image_size
   px = inputs["pixels"]
-  if np.ndim(px) != 5 or tuple(np.shape(px)[2:]) != (s, s, cfg.vision.num_channels):
+  if len(px.shape) != 5 or tuple(px.shape[2:]) != (s, s, cfg.vision.num_channels):
     raise ValueError(f"pixels: expected float[B, P, {s}, {s}, {cfg.vision.num_channels}] "
-                     f"normalised crops, got shape {np.shape(px)}.")
+                     f"normalised crops, got shape {tuple(px.shape)}.")
   if not jnp.issubdtype(px.dtype, jnp.floating):
     raise ValueError(f"pixels: expected a float dtype (normalised crops), got {px.dtype}; "
                      "run images through visor_jax.data.preprocess first.")
-  n = np.shape(inputs["vis_src"])[1]
+  n = shape("vis_src")[1] if len(shape("vis_src")) == 3 else -1
   expected = {"text_pos": (b, t), "text_valid": (b, t), "vis_src": (b, n, 4),
               "vis_weight": (b, n, 4), "vis_newline": (b, n), "vis_pos": (b, n),
               "vis_valid": (b, n)}
-  for key, shape in expected.items():
-    if tuple(np.shape(inputs[key])) != shape:
-      raise ValueError(f"{key}: expected shape {shape}, got {tuple(np.shape(inputs[key]))}.")
-  if tuple(np.shape(budget)) != (b, cfg.num_layers):
-    raise ValueError(f"budget: expected bool[batch={b}, layers={cfg.num_layers}], got shape "
-                     f"{tuple(np.shape(budget))}.")
+  for key, expected_shape in expected.items():
+    if shape(key) != expected_shape:
+      raise ValueError(f"{key}: expected shape {expected_shape}, got {shape(key)}.")
+  if tuple(budget.shape) != (b, cfg.num_layers):
+    raise ValueError(f"budget: expected bool[batch={b}, layers={cfg.num_layers}] (one bit per "
+                     f"LLM layer), got shape {tuple(budget.shape)}.")
+  if budget.dtype != bool:
+    raise ValueError(f"budget: expected dtype bool, got {budget.dtype}.")

@@ -67,7 +67,9 @@ class SiglipVisionTower(nnx.Module):
     n, s, _, c = pixels.shape
     p, g = self.cfg.patch_size, s // self.cfg.patch_size
     # Row-major patches, each flattened as (row, col, channel): the torch conv weight
-    # [D, C, p, p] maps to kernel [p*p*C, D] by permute(2, 3, 1, 0).
+    # [D, C, p, p] maps to kernel [p*p*C, D] by permute(2, 3, 1, 0). Like the stride-p
+    # 'valid' conv, trailing pixels that do not fill a patch are dropped (384 = 27*14 + 6).
+    pixels = pixels[:, :g * p, :g * p]
     patches = pixels.reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(n, g * g, p * p * c)
     return self.patch_embed(patches) + self.pos_embed[...].astype(self.dtype)

@@ -129,7 +129,13 @@ class VisorDecoder(nnx.Module):
 
   def run_layers(self, text, vis, text_pos, vis_pos, text_valid, vis_valid, budget,
                  start: int, stop: int) -> tuple[Array, Array]:
-    """Layers [start, stop) as one `lax.scan`; returns (text, vis) hidden states."""
+    """Layers [start, stop); returns (text, vis) hidden states.
+
+    A traced budget runs one `lax.scan` whose body `lax.switch`es on the layer's bits (one
+    program for every budget). A concrete numpy budget unrolls the layers in Python and drops
+    the off paths at trace time: a per-budget program, used for XLA cost analysis (which
+    counts a loop body once) and never by training or serving.
+    """
     cfg = self.cfg
     impl = cfg.attention_impl
     n_text = text.shape[1]
@@ -139,6 +145,7 @@ class VisorDecoder(nnx.Module):
     is_ca[list(cfg.visor.ca_layers)] = True
     all_pos = jnp.concatenate([vis_pos, text_pos], axis=1)
     all_valid = jnp.concatenate([vis_valid, text_valid], axis=1)
+    static = isinstance(budget, np.ndarray)
 
     layer_def, layer_state = nnx.split(self.layers)
     layer_state = jax.tree.map(lambda a: a[start:stop], layer_state)
@@ -150,7 +157,10 @@ class VisorDecoder(nnx.Module):
         def with_ca(t):
           ca = nnx.merge(cross_def, jax.tree.map(lambda a: a[l_ca_slot], cross_state))
           return t + ca(t, v, text_pos, vis_pos, vis_valid, impl)
-        t = jax.lax.cond(l_is_ca, with_ca, lambda t: t, t)
+        if static:
+          t = with_ca(t) if l_is_ca else t
+        else:
+          t = jax.lax.cond(l_is_ca, with_ca, lambda t: t, t)
       return layer(t, text_pos, causal_mask(text_pos, text_pos, text_valid))
 
     def sa_path(layer, t, v):
@@ -175,11 +185,21 @@ class VisorDecoder(nnx.Module):
         on = bits[:, None, None]
         return jnp.where(on, t_sa, t_text), jnp.where(on, v_sa, v)
 
+      branches = [none_sa, all_sa, mixed]
+      if static:
+        return branches[1 if bits.all() else 2 if bits.any() else 0](t, v), None
       mode = jnp.where(jnp.all(bits), 1, jnp.where(jnp.any(bits), 2, 0))
-      return jax.lax.switch(mode, [none_sa, all_sa, mixed], t, v), None
+      return jax.lax.switch(mode, branches, t, v), None
 
     if cfg.remat:
       body = jax.checkpoint(body)
+    if static:
+      carry = (text, vis)
+      for l in range(start, stop):
+        xs = (jax.tree.map(lambda a: a[l - start], layer_state), budget[:, l], bool(is_ca[l]),
+              int(ca_slot[l]))
+        carry, _ = body(carry, xs)
+      return carry
     xs = (layer_state, budget.T[start:stop], jnp.asarray(is_ca[start:stop]),
           jnp.asarray(ca_slot[start:stop]))
     (text, vis), _ = jax.lax.scan(body, (text, vis), xs)

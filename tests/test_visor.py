@@ -1,0 +1,128 @@
+"""VISOR behaviour: budgets are data (one compilation), per-sample budgets, CA and pos-conv effects."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hf_fixtures
+from visor_jax import budgets, config_lib, model_configs
+from visor_jax.data import inputs as inputs_lib
+from visor_jax.models.llava_onevision import LlavaOnevision
+
+
+def _cfg(**visor):
+  m = model_configs.tiny()
+  m.visor.update(visor)
+  return config_lib.model_config(m)
+
+
+def _perturb_new_parts(model, seed=1):
+  """Makes CA outputs and the positional conv non-zero (as after training)."""
+  rng = np.random.default_rng(seed)
+  o_proj = model.decoder.cross.attn.o_proj
+  o_proj.kernel[...] = jnp.asarray(rng.normal(0, 0.3, o_proj.kernel.shape), jnp.float32)
+  pc = model.decoder.pos_conv
+  pc.pointwise[...] = jnp.asarray(rng.normal(0, 0.3, pc.pointwise.shape), jnp.float32)
+
+
+def _prompt_ids(tok, text="What colour is the small square?"):
+  return (tok.encode("<|im_start|>user\n") + [tok.image_token_id]
+          + tok.encode("\n" + text + "<|im_end|>\n<|im_start|>assistant\n"))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = _cfg()
+  model = LlavaOnevision(cfg, rngs=nnx.Rngs(0))
+  tok = hf_fixtures.tiny_tokenizer()
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x, b: nnx.merge(graphdef, state)(x, b))
+  samples = [
+      inputs_lib.build_sample(_prompt_ids(tok), [hf_fixtures.random_image(40, 70, 1)], cfg),
+      inputs_lib.build_sample(_prompt_ids(tok, "Read the code."),
+                              [hf_fixtures.random_image(84, 84, 2)], cfg),
+      inputs_lib.build_sample(_prompt_ids(tok, "How many shapes?"),
+                              [hf_fixtures.random_image(20, 60, 3)], cfg),
+  ]
+  return cfg, model, tok, forward, samples
+
+
+def _logits(forward, model, batch, budget):
+  return np.asarray(forward(nnx.state(model), batch, budget))
+
+
+def test_ca_only_budget_reads_vision_once_ca_output_is_nonzero(setup):
+  cfg, _, tok, forward, samples = setup
+  model = LlavaOnevision(cfg, rngs=nnx.Rngs(3))
+  other_image = inputs_lib.build_sample(_prompt_ids(tok), [hf_fixtures.random_image(40, 70, 9)],
+                                        cfg)
+  a, b = inputs_lib.collate([samples[0]]), inputs_lib.collate([other_image])
+  ca = budgets.ca_only(cfg)
+  # Zero-initialised CA: with no SA layer, text cannot see the image at all.
+  np.testing.assert_array_equal(_logits(forward, model, a, ca), _logits(forward, model, b, ca))
+  _perturb_new_parts(model)
+  diff = np.abs(_logits(forward, model, a, ca) - _logits(forward, model, b, ca)).max()
+  assert diff > 1e-2
+
+
+def test_tanh_gate_starts_closed():
+  cfg = _cfg(ca_gate="tanh")
+  model = LlavaOnevision(cfg, rngs=nnx.Rngs(0))
+  assert float(model.decoder.cross.gate[...][0]) == 0.0
+  t = jnp.ones((1, 3, cfg.text.hidden_size))
+  v = jnp.ones((1, 5, cfg.text.hidden_size))
+  pos_t, pos_v = jnp.array([[10, 11, 12]]), jnp.arange(5)[None]
+  graphdef, state = nnx.split(model.decoder.cross)
+  layer0 = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
+  assert float(jnp.abs(layer0(t, v, pos_t, pos_v, jnp.ones((1, 5), bool))).max()) == 0.0
+  layer0.gate[...] = jnp.asarray(0.5)
+  assert float(jnp.abs(layer0(t, v, pos_t, pos_v, jnp.ones((1, 5), bool))).max()) > 0.0
+
+
+def test_changing_budget_never_recompiles(setup):
+  cfg, model, _, _, samples = setup
+  graphdef, state = nnx.split(model)
+  compiles = []
+  forward = jax.jit(lambda state, x, b: nnx.merge(graphdef, state)(x, b))
+  batch = inputs_lib.collate(samples[:2])
+  rng = np.random.default_rng(0)
+  budget_list = [budgets.all_sa(cfg, 2), budgets.ca_only(cfg, 2),
+                 budgets.first_candidates(cfg, 1, 2)]
+  budget_list += [rng.random((2, cfg.num_layers)) < 0.5 for _ in range(5)]
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
+  outs = [np.asarray(forward(state, batch, b)) for b in budget_list]
+  assert forward._cache_size() == 1
+  assert len(compiles) == 1, compiles
+  assert not np.allclose(outs[0], outs[1])  # the budgets did change the computation
+
+
+def test_per_sample_budgets_equal_each_sample_alone(setup):
+  cfg, _, _, forward, samples = setup
+  model = LlavaOnevision(cfg, rngs=nnx.Rngs(5))
+  _perturb_new_parts(model)
+  per_sample = np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg),
+                               budgets.from_layers(cfg, [1, 5])])
+  together = _logits(forward, model, inputs_lib.collate(samples), per_sample)
+  for i, sample in enumerate(samples):
+    alone = _logits(forward, model, inputs_lib.collate([sample]), per_sample[i:i + 1])
+    t = len(sample.tokens)
+    np.testing.assert_allclose(together[i, :t], alone[0, :t], atol=1e-5, rtol=0)
+  # and the three budgets really differ for the same sample
+  same = inputs_lib.collate([samples[0]] * 3)
+  rows = _logits(forward, model, same, per_sample)
+  assert np.abs(rows[0] - rows[1]).max() > 1e-2 and np.abs(rows[1] - rows[2]).max() > 1e-2
+
+
+def test_static_unrolled_budget_equals_scanned(setup):
+  """The cost-analysis path (budget closed over as numpy) computes the same function."""
+  cfg, _, _, forward, samples = setup
+  model = LlavaOnevision(cfg, rngs=nnx.Rngs(6))
+  _perturb_new_parts(model)
+  batch = inputs_lib.collate(samples[:2])
+  budget = np.concatenate([budgets.from_layers(cfg, [1]), budgets.ca_only(cfg)])
+  graphdef, state = nnx.split(model)
+  static = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, budget))
+  np.testing.assert_allclose(np.asarray(static(state, batch)),
+                             _logits(forward, model, batch, budget), atol=1e-5, rtol=0)
