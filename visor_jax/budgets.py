@@ -52,6 +52,40 @@ def spread_candidates(cfg: ModelConfig, k: int, batch: int = 1) -> np.ndarray:
   return from_layers(cfg, [cands[i] for i in picks], batch)
 
 
+def default_feasible(cfg: ModelConfig) -> list[list[int]]:
+  """0, 1, 2, 4, 8, ... SA layers spread over the candidates, and all of them."""
+  n = len(cfg.visor.sa_candidates)
+  sizes = sorted({0, n} | {k for k in (1, 2, 4, 8, 16) if k < n})
+  return [np.flatnonzero(spread_candidates(cfg, k)[0]).tolist() for k in sizes]
+
+
+def resolve_sets(spec, cfg: ModelConfig) -> list[list[int]]:
+  """A config's budget list: None → `default_feasible`; 'maximal' → all SA candidates;
+  otherwise a list of SA layer lists, validated."""
+  if spec is None:
+    return default_feasible(cfg)
+  if spec == "maximal":
+    return [list(cfg.visor.sa_candidates)]
+  if isinstance(spec, str):
+    raise ValueError(f"budgets: {spec!r} is not None, 'maximal' or a list of layer lists.")
+  sets = [sorted(int(i) for i in layers) for layers in spec]
+  for layers in sets:
+    from_layers(cfg, layers)
+  if not sets:
+    raise ValueError("budgets: the list of feasible budgets is empty.")
+  return sets
+
+
+def sample(layer_sets: Sequence[Sequence[int]], weights: Sequence[float] | None, seed: int,
+           step: int) -> int:
+  """Index of the budget used at `step`: a pure function of (seed, step), so a resumed run
+  samples exactly what an uninterrupted one would, with no sampler state to checkpoint."""
+  p = np.ones(len(layer_sets)) if weights is None else np.asarray(weights, np.float64)
+  if len(p) != len(layer_sets) or np.any(p < 0) or p.sum() <= 0:
+    raise ValueError(f"budget_weights: {list(p)} do not fit {len(layer_sets)} budgets.")
+  return int(np.random.default_rng([seed, step]).choice(len(layer_sets), p=p / p.sum()))
+
+
 def check(cfg: ModelConfig, budget, batch: int) -> np.ndarray:
   """Validates a budget's shape and dtype before it reaches a compiled function."""
   b = np.asarray(budget)

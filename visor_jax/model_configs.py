@@ -23,8 +23,8 @@ def _visor(**overrides) -> ml_collections.ConfigDict:
 
 def _model(vision: dict, text: dict, **kw) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
-      vision=dict(layer_norm_eps=1e-6, **vision),
-      text=dict(head_dim=None, rms_norm_eps=1e-6, rope_theta=1e6, **text),
+      vision={"layer_norm_eps": 1e-6, **vision},
+      text={"head_dim": None, "rms_norm_eps": 1e-6, "rope_theta": 1e6, **text},
       visor=_visor(),
       feature_layer=-1, feature_select_strategy="full", projector_bias=True,
       image_token_id=151646, image_grid_pinpoints=pinpoints(384),
@@ -66,7 +66,23 @@ def tiny() -> ml_collections.ConfigDict:
       vision_aspect_ratio="anyres_max_4")
 
 
-MODELS = {"tiny": tiny, "llava_ov_0_5b": llava_ov_0_5b, "llava_ov_7b": llava_ov_7b}
+def small() -> ml_collections.ConfigDict:
+  """The embedded CPU default: trains from scratch on the synthetic dataset in minutes.
+
+  56 px crops of 14 px patches (4x4 tokens per crop), AnyRes up to 3x3 crops, `anyres_max_4`
+  (at most ~90 visual tokens); a 6-layer, 128-wide LLM with CA on {0, 3} and SA candidates
+  {1, 4}; vocabulary sized for the synthetic tokenizer (300 BPE ids + 4 special tokens).
+  """
+  return _model(
+      vision=dict(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                  num_layers=2, num_heads=2),
+      text=dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_layers=6,
+                num_heads=4, num_kv_heads=2, tie_word_embeddings=True, rope_theta=1e4),
+      image_token_id=300, image_grid_pinpoints=pinpoints(56, 3),
+      vision_aspect_ratio="anyres_max_4")
+
+
+MODELS = {"tiny": tiny, "small": small, "llava_ov_0_5b": llava_ov_0_5b, "llava_ov_7b": llava_ov_7b}
 
 
 def get(name: str) -> ml_collections.ConfigDict:

@@ -24,6 +24,8 @@ from flax import nnx, traverse_util
 from visor_jax.config_lib import ModelConfig
 from visor_jax.convert.safetensors_io import SafetensorsReader
 
+log = logging.getLogger(__name__)
+
 Hook = Callable[[np.ndarray], np.ndarray]
 
 
@@ -153,7 +155,7 @@ def read_hf_params(directory: str, cfg: ModelConfig,
     out[path] = value
   unused = sorted(k for k in by_key if k not in used and not _IGNORED.match(k))
   if unused:
-    logging.warning("%d checkpoint tensors not used: %s", len(unused), unused[:10])
+    log.warning("%d checkpoint tensors not used: %s", len(unused), unused[:10])
   return out
 
 

@@ -1,0 +1,104 @@
+"""Device mesh and the one logical-axis rules table (MaxText style).
+
+Modules name logical axes only ('embed', 'mlp', 'vocab', 'layers', ...). The config's
+`sharding_rules` maps each logical name to mesh axes; this file turns those names into
+`NamedSharding`s. A dimension whose size the mesh axes do not divide is replicated (logged),
+so one rules table serves every model size and mesh.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+
+# Default rules: FSDP over the model width, tensor parallelism over heads/MLP/vocab.
+DEFAULT_RULES = (
+    ("batch", BATCH),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("embed_out", None),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("patch", None),
+)
+
+
+def make_mesh(shape: dict[str, int] | Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one axis may be -1 (takes the remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [int(shape[a]) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}.")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{len(devices)} available.")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]]) -> P:
+  """Logical axis names of one array → a PartitionSpec, replicating undividable dims."""
+  table = dict((k, v) for k, v in rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(names, shape):
+    axes = table.get(name) if name is not None else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if axes and dim % size:
+      log.info("replicating dim %s (%d) of logical axis %r: not divisible by %s",
+                   name, dim, name, axes)
+      axes = ()
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules) -> dict:
+  """NamedShardings for every parameter (as a pure nested dict, like the params themselves),
+  from the logical axes each Param carries. `model` may be abstract (`nnx.eval_shape`)."""
+  flat = {}
+  for path, var in nnx.state(model, nnx.Param).flat_state():
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    flat[path] = NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules))
+  return traverse_util.unflatten_dict(flat)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) dimension split over data × fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of (sharded) arrays."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape) if hasattr(x, "sharding") else x.shape
+    total += int(np.prod(shard)) * x.dtype.itemsize
+  return total

@@ -1,0 +1,194 @@
+"""The trainer: one linear `main()` in banner sections (big_vision style).
+
+mesh → data → model shapes → sharding → update step → restore → loop → eval. Everything a
+section needs comes from the config; the budget of each step is sampled on the host (a pure
+function of seed and step) and enters the one compiled step as data.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from visor_jax import budgets as budgets_lib
+from visor_jax import checkpoints, config_lib, metrics, optim, sharding, steps
+from visor_jax import train_data
+from visor_jax.evaluation_table import evaluate_budgets, format_table
+from visor_jax.models.llava_onevision import LlavaOnevision
+
+log = logging.getLogger(__name__)
+
+
+class _Preempted:
+  """SIGTERM (TPU preemption) sets a flag; the loop checkpoints and exits cleanly."""
+
+  def __init__(self):
+    self.flag = False
+    signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    log.warning("SIGTERM received: will checkpoint and exit after this step.")
+    self.flag = True
+
+
+def _eval_scalars(results: dict) -> dict:
+  """TensorBoard-safe names: 'SA{1,4}' → 'eval/SA_1_4/acc'."""
+  safe = lambda label: label.replace("{", "_").replace("}", "").replace(",", "_")
+  return {f"eval/{safe(label)}/{k}": v for label, r in results.items() for k, v in r.items()
+          if isinstance(v, (int, float))}
+
+
+def maybe_initialize_distributed() -> None:
+  """Multi-host: `jax.distributed.initialize()` when a coordinator is configured (TPU pod
+  slices and multi-process GPU set these variables); a no-op on one machine."""
+  markers = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS")
+  env = {k: os.environ.get(k, "") for k in markers}
+  multi = env["JAX_COORDINATOR_ADDRESS"] or "," in env["TPU_WORKER_HOSTNAMES"] or \
+      (env["SLURM_NTASKS"] not in ("", "1"))
+  if multi and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains; returns the final eval results {budget label: {...}} (also printed)."""
+  maybe_initialize_distributed()
+  os.makedirs(workdir, exist_ok=True)
+  writer = metrics.Writer(workdir)
+
+  # ---------------------------------------------------------------- mesh
+  mesh = sharding.make_mesh(config.mesh)
+  metrics.log("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
+              jax.process_count())
+
+  # ---------------------------------------------------------------- data
+  model_dict, tokenizer = train_data.model_and_tokenizer(config, workdir)
+  cfg = config_lib.model_config(model_dict)
+  train_iter = train_data.train_iterator(config, cfg, tokenizer, workdir)
+  eval_batches = train_data.eval_batches(config, cfg, tokenizer, workdir)
+  layer_sets = budgets_lib.resolve_sets(config.budgets, cfg)  # validated before compiling
+  eval_sets = budgets_lib.resolve_sets(config.eval_budgets or layer_sets, cfg)
+
+  # ---------------------------------------------------------------- model shapes
+  abstract_model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_params = nnx.split(abstract_model)
+  abstract_params = abstract_params.to_pure_dict()
+  labels = optim.param_labels(abstract_params, config.optim.param_groups)
+  tx = optim.make_optimizer(config.optim, labels, config.num_steps)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      optim.split(abstract_params, labels)[0]))
+  metrics.log("parameters: %s total, %s trainable", f"{n_params:,}", f"{n_train:,}")
+
+  # ---------------------------------------------------------------- sharding
+  param_sh = sharding.param_shardings(abstract_model, mesh, config.sharding_rules)
+  abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx, labels), abstract_params)
+  # The optimizer state's shardings follow the params' through propagation: read them off
+  # the compiled (never run) init instead of re-deriving optax's state layout by hand.
+  init_state = jax.jit(lambda p: steps.init_state(p, tx, labels), in_shardings=(param_sh,))
+  state_sh = init_state.lower(abstract_params).compile().output_shardings
+  state_sh["params"] = param_sh
+  budget_sh = sharding.batch_sharding(mesh, 2)
+
+  # ---------------------------------------------------------------- update step
+  train_step = jax.jit(steps.make_train_step(graphdef, tx, labels, config.grad_accum),
+                       in_shardings=(state_sh, None, budget_sh),
+                       out_shardings=(state_sh, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(param_sh, None, budget_sh))
+
+  # ---------------------------------------------------------------- restore
+  ckpt = checkpoints.Checkpointer(workdir, save_every=config.ckpt_every,
+                                  keep=config.keep_ckpts, async_save=config.async_ckpt)
+  abstract_sharded = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(ckpt.latest_step(), abstract_sharded, train_iter)
+    metrics.log("resumed from own checkpoint at step %d", int(state["step"]))
+  else:
+    params = train_data.initial_params(config, cfg, abstract_model, param_sh)
+    state = init_state(params)
+  first_step = int(state["step"])
+
+  def budget_for(step: int, batch_size: int) -> tuple[np.ndarray, int]:
+    i = budgets_lib.sample(layer_sets, config.budget_weights, config.seed, step)
+    return budgets_lib.from_layers(cfg, layer_sets[i], batch_size), i
+
+  # ---------------------------------------------------------------- loop
+  preempted = _Preempted()
+  progress = metrics.Progress(first_step, config.num_steps)
+  averages = metrics.Averages()
+  bad_counts = np.zeros(len(train_data.BAD_REASONS), np.int64)
+  tokens_since_log = 0
+  compiled_steps = {}  # text bucket shape → the compiled step
+  pending = None  # (step, budget index, device metrics): read one step late, so the host
+                  # never waits on the device between dispatching two steps
+
+  def finish(pending) -> None:
+    nonlocal tokens_since_log
+    step, budget_idx, m = pending
+    m = jax.device_get(m)
+    if not m["finite"]:
+      if config.nan_policy == "stop":
+        raise FloatingPointError(f"non-finite loss or gradient at step {step}: the update was "
+                                 "not applied and no checkpoint holds it.")
+      log.warning("step %d: non-finite loss or gradient, update skipped", step)
+    averages.add(loss=m["loss"], grad_norm=m["grad_norm"])
+    tokens_since_log += int(m["tokens"])
+    writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"],
+                        "budget": budget_idx, "finite": int(m["finite"])})
+
+  for step in range(first_step, config.num_steps):
+    batch = next(train_iter)
+    bad_counts += batch["bad_counts"]
+    budget, budget_idx = budget_for(step, batch["tokens"].shape[0])
+    global_batch = train_data.to_global(batch, mesh)
+    bucket = batch["tokens"].shape
+    if bucket not in compiled_steps:  # once per static text bucket; budgets never recompile
+      compiled_steps[bucket] = train_step.lower(state, global_batch, budget).compile()
+      mem = compiled_steps[bucket].memory_analysis()
+      if mem is not None:
+        metrics.log("compiled the train step for batch %s; per-device memory: %.1f MiB "
+                    "arguments + %.1f MiB temporaries", bucket,
+                    mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
+    state, step_metrics = compiled_steps[bucket](state, global_batch, budget)
+    if pending is not None:
+      finish(pending)
+    pending = (step + 1, budget_idx, step_metrics)
+    done = step + 1
+    metrics.log("step %d: budget %s", done, budgets_lib.describe(budget[0]))
+
+    if done % config.log_every == 0 or done == config.num_steps or preempted.flag:
+      finish(pending)
+      pending = None
+      scalars = {**averages.compute_and_reset(), **progress.update(done, tokens_since_log)}
+      tokens_since_log = 0
+      scalars.update({f"bad/{r}": int(c) for r, c in zip(train_data.BAD_REASONS, bad_counts)})
+      scalars["compilations"] = len(compiled_steps)
+      writer.write(done, scalars)
+      metrics.log("%s  compilations %d", metrics.format_progress(
+          done, config.num_steps, scalars), scalars["compilations"])
+    if preempted.flag:
+      ckpt.save(done, state, train_iter, config, force=True)
+      ckpt.close()
+      writer.close()
+      metrics.log("preempted: checkpoint of step %d written; exiting", done)
+      return {}
+    ckpt.save(done, state, train_iter, config, force=done == config.num_steps)
+    if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+      results = evaluate_budgets(eval_step, state["params"], eval_batches, eval_sets, cfg, mesh)
+      writer.write(done, _eval_scalars(results))
+  ckpt.close()
+
+  # ---------------------------------------------------------------- eval
+  results = evaluate_budgets(eval_step, state["params"], eval_batches, eval_sets, cfg, mesh)
+  writer.write(config.num_steps, _eval_scalars(results))
+  writer.close()
+  if jax.process_index() == 0:
+    print(format_table(results), flush=True)
+  return results
