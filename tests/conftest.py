@@ -5,3 +5,8 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Grain reads absl flags in its workers; tests run without absl's app.run.
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()

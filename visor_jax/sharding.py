@@ -39,8 +39,17 @@ DEFAULT_RULES = (
 
 
 def make_mesh(shape: dict[str, int] | Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one axis may be -1 (takes the remaining devices)."""
+  """A (data, fsdp, tensor) mesh; one axis may be -1 (takes the remaining devices).
+
+  `shape['num_devices']` (optional, 0 = all) uses only the first N devices, e.g. to compare a
+  one-device run with a sharded one in the same process.
+  """
   devices = list(devices if devices is not None else jax.devices())
+  n = int(shape.get("num_devices", 0) or 0)
+  if n:
+    if n > len(devices):
+      raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices exist.")
+    devices = devices[:n]
   sizes = [int(shape[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")

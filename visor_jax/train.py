@@ -6,6 +6,7 @@ function of seed and step) and enters the one compiled step as data.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -55,8 +56,15 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains; returns the final eval results {budget label: {...}} (also printed)."""
+@dataclasses.dataclass
+class TrainResult:
+  state: dict            # the final train state (sharded arrays)
+  eval: dict             # {budget label: accuracies and FLOPs}; empty if preempted
+  preempted: bool = False
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Trains, checkpoints, evaluates; prints and returns the eval table's results."""
   maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
   writer = metrics.Writer(workdir)
@@ -65,6 +73,12 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   metrics.log("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
               jax.process_count())
+  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  global_batch_size = config.data.batch_size * jax.process_count()
+  if global_batch_size % (data_ways * config.grad_accum):
+    raise ValueError(f"data.batch_size={config.data.batch_size} x {jax.process_count()} "
+                     f"process(es) must be divisible by mesh data*fsdp={data_ways} "
+                     f"x grad_accum={config.grad_accum}.")
 
   # ---------------------------------------------------------------- data
   model_dict, tokenizer = train_data.model_and_tokenizer(config, workdir)
@@ -90,8 +104,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx, labels), abstract_params)
   # The optimizer state's shardings follow the params' through propagation: read them off
   # the compiled (never run) init instead of re-deriving optax's state layout by hand.
-  init_state = jax.jit(lambda p: steps.init_state(p, tx, labels), in_shardings=(param_sh,))
-  state_sh = init_state.lower(abstract_params).compile().output_shardings
+  init_state = jax.jit(lambda p: steps.init_state(p, tx, labels), in_shardings=(param_sh,)
+                       ).lower(abstract_params).compile()
+  state_sh = init_state.output_shardings
   state_sh["params"] = param_sh
   budget_sh = sharding.batch_sharding(mesh, 2)
 
@@ -178,7 +193,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt.close()
       writer.close()
       metrics.log("preempted: checkpoint of step %d written; exiting", done)
-      return {}
+      return TrainResult(state, {}, preempted=True)
     ckpt.save(done, state, train_iter, config, force=done == config.num_steps)
     if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
       results = evaluate_budgets(eval_step, state["params"], eval_batches, eval_sets, cfg, mesh)
@@ -191,4 +206,4 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   if jax.process_index() == 0:
     print(format_table(results), flush=True)
-  return results
+  return TrainResult(state, results)

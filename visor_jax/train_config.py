@@ -72,7 +72,7 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
   c.async_ckpt = True
   c.nan_policy = "stop"             # 'stop' (error naming the step) | 'skip' (drop the update)
 
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)  # -1: the remaining devices
   c.sharding_rules = DEFAULT_RULES
   return c
 

@@ -1,0 +1,199 @@
+"""The trainer end to end: resume exactness, preemption, sharding, budgets, freezing, NaN."""
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx, traverse_util
+
+import train_fixtures as tf
+from visor_jax import config_lib, model_configs, optim, steps, train, train_config
+from visor_jax.data import synthetic
+from visor_jax.models.llava_onevision import LlavaOnevision
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("synthetic"))
+  synthetic.build(d, seed=0, sizes=tf.SYNTHETIC["synthetic_sizes"],
+                  min_side=tf.SYNTHETIC["synthetic_min_side"],
+                  max_side=tf.SYNTHETIC["synthetic_max_side"])
+  return d
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _final_params(workdir, step):
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                              item_names=("state", "data", "config"),
+                              options=ocp.CheckpointManagerOptions(read_only=True))
+  state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return traverse_util.flatten_dict(state["params"], sep=".")
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, synthetic_dir, cache_dir):
+  extra = ("--config.num_steps=8", "--config.ckpt_every=4", "--config.log_every=1",
+           f"--config.data.synthetic_dir={synthetic_dir}")
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  out = tf.run_main(full, cache_dir, *extra)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  proc = subprocess.Popen(tf.main_command(killed, "configs/universal.py:model=tiny,batch=4",
+                                          *extra),
+                          cwd=tf.ROOT, env=tf.env(cache_dir), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):
+    assert proc.poll() is None and time.time() < deadline, "no checkpoint at step 4"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  out = tf.run_main(killed, cache_dir, *extra)  # resumes from its own step-4 checkpoint
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from own checkpoint at step 4" in out.stderr
+
+  losses_full, losses_resumed = tf.step_losses(full), tf.step_losses(killed)
+  assert sorted(losses_full) == list(range(1, 9))
+  assert losses_resumed == losses_full  # exactly: same data order, same budgets, same math
+  a, b = _final_params(full, 8), _final_params(killed, 8)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, synthetic_dir, cache_dir):
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(
+      tf.main_command(workdir, "configs/universal.py:model=tiny,batch=4",
+                      "--config.num_steps=500", "--config.ckpt_every=1000",
+                      f"--config.data.synthetic_dir={synthetic_dir}"),
+      cwd=tf.ROOT, env=tf.env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  metrics_file = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics_file) and len(tf.step_losses(workdir)) >= 3):
+    assert proc.poll() is None and time.time() < deadline, "training did not start"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "preempted: checkpoint of step" in err
+  steps_saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                       if d.isdigit())
+  assert steps_saved[-1] >= 3 and steps_saved[-1] < 500
+
+
+def test_sharded_mesh_matches_one_device_and_budgets_never_recompile(tmp_path, synthetic_dir):
+  """Same steps on a (2, 2, 2) data/fsdp/tensor mesh of 8 CPU devices and on one device."""
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  runs = {}
+  for name, mesh in (("one", dict(data=1, fsdp=1, tensor=1, num_devices=1)),
+                     ("mesh", dict(data=2, fsdp=2, tensor=2, num_devices=0))):
+    c = tf.tiny_config(synthetic_dir, mesh=mesh, num_steps=5, ckpt_every=100)
+    result = train.main(c, str(tmp_path / name))
+    runs[name] = (result, tf.step_losses(str(tmp_path / name)), tf.read_metrics(
+        str(tmp_path / name)))
+  (one, l_one, _), (sharded, l_mesh, m_mesh) = runs["one"], runs["mesh"]
+  # f32, different reduction orders across shards: equal to a few ulps of the loss scale.
+  np.testing.assert_allclose([l_mesh[s] for s in sorted(l_mesh)],
+                             [l_one[s] for s in sorted(l_one)], rtol=0, atol=2e-5)
+  kernel = sharded.state["params"]["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert len(kernel.addressable_shards) == 8
+  assert kernel.addressable_shards[0].data.shape == (6, 32, 64)  # [L, D/2, F/2]
+  budgets_used = {r["budget"] for r in m_mesh if "budget" in r}
+  assert len(budgets_used) >= 2
+  assert all(r["compilations"] == 1 for r in m_mesh if "compilations" in r)
+
+
+def _tiny_batch(cfg, b=2, t=16, n=8, p=2, seed=0):
+  rng = np.random.default_rng(seed)
+  s = cfg.vision.image_size
+  return dict(
+      tokens=rng.integers(0, 256, (b, t)).astype(np.int32),
+      text_pos=np.tile(np.r_[0:4, 4 + n:t + n], (b, 1)).astype(np.int32),
+      text_valid=np.ones((b, t), bool), pixels=rng.normal(size=(b, p, s, s, 3)).astype(np.float32),
+      vis_src=rng.integers(0, p * cfg.vision.num_patches, (b, n, 4)).astype(np.int32),
+      vis_weight=np.full((b, n, 4), 0.25, np.float32), vis_newline=np.zeros((b, n), bool),
+      vis_pos=np.tile(np.arange(4, 4 + n), (b, 1)).astype(np.int32),
+      vis_valid=np.ones((b, n), bool),
+      targets=np.where(np.arange(t) >= t // 2, rng.integers(0, 256, (b, t)), -1).astype(np.int32))
+
+
+def _step_setup(groups):
+  cfg = config_lib.model_config(model_configs.tiny())
+  graphdef, params = nnx.split(LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
+  params = params.to_pure_dict()
+  o = train_config.default("tiny").optim
+  o.param_groups = groups
+  labels = optim.param_labels(params, groups)
+  tx = optim.make_optimizer(o, labels, total_steps=10)
+  step = jax.jit(steps.make_train_step(graphdef, tx, labels))
+  return cfg, params, labels, tx, step
+
+
+def test_frozen_parameters_are_bit_identical_after_training():
+  cfg, params, labels, tx, step = _step_setup(train_config.GROUPS_STAGE1)
+  state = steps.init_state(params, tx, labels)
+  budget = np.zeros((2, cfg.num_layers), bool)  # CA-only: the new parts carry all vision
+  # Zero-initialised outputs unlock the parts behind them one step at a time (lr 0 at step 0,
+  # then CA output, then CA inputs and the pointwise conv, then the depthwise conv).
+  for i in range(5):
+    state, m = step(state, _tiny_batch(cfg, seed=i), budget)
+    assert int(m["finite"]) == 1
+  before = traverse_util.flatten_dict(params, sep=".")
+  after = traverse_util.flatten_dict(jax.device_get(state["params"]), sep=".")
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  frozen = {k for k, g in labels.items() if g == optim.FROZEN}
+  assert frozen and not (changed & frozen)
+  assert changed == set(labels) - frozen  # every new-part parameter moved
+
+
+def test_nonfinite_loss_leaves_state_unchanged():
+  cfg, params, labels, tx, step = _step_setup(train_config.GROUPS_ALL)
+  state = steps.init_state(params, tx, labels)
+  batch = _tiny_batch(cfg)
+  batch["pixels"][0, 0, 0, 0, 0] = np.inf
+  new, m = step(state, batch, np.ones((2, cfg.num_layers), bool))
+  assert int(m["finite"]) == 0 and int(new["step"]) == 1
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(new["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+  cfg, params, labels, tx, _ = _step_setup(train_config.GROUPS_ALL)
+  graphdef = nnx.graphdef(LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
+  batch = _tiny_batch(cfg, b=4)
+  budget = np.zeros((4, cfg.num_layers), bool)
+  budget[:, 1] = True
+  outs = []
+  for k in (1, 2):
+    step = jax.jit(steps.make_train_step(graphdef, tx, labels, grad_accum=k))
+    outs.append(step(steps.init_state(params, tx, labels), batch, budget))
+  (s1, m1), (s2, m2) = outs
+  # Each micro-batch has the same number of supervised tokens, so mean-of-means = mean.
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nan_stops_the_run_naming_the_step_and_no_nan_checkpoint(tmp_path, synthetic_dir):
+  c = tf.tiny_config(synthetic_dir, num_steps=30, ckpt_every=1)
+  c.optim.update(lr=1e12, warmup_steps=0, clip_norm=1e30)
+  with pytest.raises(FloatingPointError, match=r"at step \d+"):
+    train.main(c, str(tmp_path))
+  ckpt_dir = tmp_path / "checkpoints"
+  latest = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  for v in _final_params(str(tmp_path), latest).values():
+    assert np.all(np.isfinite(v))
