@@ -197,3 +197,43 @@ def test_nan_stops_the_run_naming_the_step_and_no_nan_checkpoint(tmp_path, synth
   latest = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   for v in _final_params(str(tmp_path), latest).values():
     assert np.all(np.isfinite(v))
+
+
+def test_restore_onto_a_different_mesh_continues_the_run(tmp_path, synthetic_dir):
+  workdir = str(tmp_path / "run")
+  c = tf.tiny_config(synthetic_dir, num_steps=3, ckpt_every=3)
+  first = train.main(c, workdir)
+  c = tf.tiny_config(synthetic_dir, num_steps=4, ckpt_every=100,
+                     mesh=dict(data=1, fsdp=2, tensor=4, num_devices=0))
+  second = train.main(c, workdir)  # resumes step 3 from a one-device checkpoint on 8 devices
+  assert int(second.state["step"]) == 4
+  kernel = second.state["params"]["decoder"]["layers"]["attn"]["q_proj"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert sorted(tf.step_losses(workdir)) == [1, 2, 3, 4]
+  del first
+
+
+def test_init_from_transformers_dir_and_from_another_run(tmp_path, synthetic_dir):
+  """Restore order below the run's own checkpoint: init_from an HF directory (stage 1: the
+  LLaVA-OV weights stay bit-identical, CA starts as copies), then init_from that run."""
+  import hf_fixtures
+  hf_dir = hf_fixtures.save_hf_dir(hf_fixtures.build_hf_model(model_configs.tiny()),
+                                   tmp_path / "hf", hf_fixtures.tiny_tokenizer())
+  from visor_jax.convert import hf_import
+  reference, cfg = hf_import.load_hf_model(hf_dir)
+  c = tf.tiny_config(synthetic_dir, num_steps=2, init_from=hf_dir)
+  c.optim.param_groups = train_config.GROUPS_STAGE1
+  stage1 = train.main(c, str(tmp_path / "stage1"))
+  ref = hf_import.flat_params(reference)
+  got = traverse_util.flatten_dict(jax.device_get(stage1.state["params"]), sep=".")
+  for k, v in ref.items():
+    if not k.startswith(("decoder.cross.", "decoder.pos_conv.")):
+      np.testing.assert_array_equal(got[k], np.asarray(v), err_msg=k)
+  np.testing.assert_array_equal(got["decoder.cross.attn.k_proj.kernel"][1],
+                                got["decoder.layers.attn.k_proj.kernel"][3])  # CA on layer 3
+  c2 = tf.tiny_config(synthetic_dir, num_steps=0, init_from=str(tmp_path / "stage1"))
+  c2.tokenizer = hf_dir
+  stage2 = train.main(c2, str(tmp_path / "stage2"))
+  again = traverse_util.flatten_dict(jax.device_get(stage2.state["params"]), sep=".")
+  for k in got:
+    np.testing.assert_array_equal(again[k], got[k], err_msg=k)

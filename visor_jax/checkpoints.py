@@ -79,6 +79,8 @@ def restore_params_from(path: str, abstract_params: Any) -> Any:
   if step is None:
     raise FileNotFoundError(f"init_from={path}: no Orbax checkpoint found.")
   # Only the params subtree: another run's optimizer state is not wanted.
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore({"params": abstract_params}, strict=False)))
+  item = {"params": abstract_params}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
   return restored["state"]["params"]
