@@ -2,6 +2,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -237,3 +238,22 @@ def test_init_from_transformers_dir_and_from_another_run(tmp_path, synthetic_dir
   again = traverse_util.flatten_dict(jax.device_get(stage2.state["params"]), sep=".")
   for k in got:
     np.testing.assert_array_equal(again[k], got[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_default_command_trains_and_prints_the_eval_table(tmp_path, cache_dir):
+  """README's main command (the small model on synthetic data), with a shrunken step count."""
+  cmd = [sys.executable, "-m", "visor_jax.main", "--config=configs/universal.py",
+         f"--workdir={tmp_path}", "--config.num_steps=60", "--config.log_every=10",
+         "--config.data.synthetic_sizes.train=64", "--config.data.synthetic_sizes.validation=16",
+         "--config.data.synthetic_sizes.test=16", "--config.eval_batches=2"]
+  out = subprocess.run(cmd, cwd=tf.ROOT, env=tf.env(cache_dir), capture_output=True, text=True,
+                       timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "eval (teacher-forced answer exact match" in out.stdout
+  for label in ("CA-only", "SA{4}", "SA{1,4}"):
+    assert label in out.stdout
+  losses = tf.step_losses(str(tmp_path))
+  first = np.mean([losses[s] for s in range(1, 11)])
+  last = np.mean([losses[s] for s in range(51, 61)])
+  assert last < 0.7 * first, (first, last)

@@ -77,10 +77,28 @@ class VisorConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RouterConfig:
+  """The per-sample budget policy (method note, "The router").
+
+  `feasible`: the K budgets it chooses from (SA layer sets, cheapest first), e.g. the frontier
+  written by the feasible-budget search. Empty = no router (budgets are always given).
+  It reads the hidden state of the last prompt token entering the first SA candidate layer.
+  """
+  feasible: tuple[tuple[int, ...], ...] = ()
+  hidden: int = 256
+  threshold: float = 0.5   # default cost knob: cheapest budget with P(sufficient) >= threshold
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.feasible)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vision: VisionConfig
   text: TextConfig
   visor: VisorConfig
+  router: RouterConfig = RouterConfig()
   feature_layer: int | tuple[int, ...] = -1
   projector_bias: bool = True
   image_token_id: int = 151646
@@ -200,8 +218,24 @@ def model_config(m: ml_collections.ConfigDict | dict) -> ModelConfig:
   for key in ("dtype", "param_dtype"):
     if m[key] not in DTYPES:
       raise ValueError(f"model.{key}={m[key]!r} is not one of {DTYPES}.")
+  r = m.get("router") or {}
+  feasible = tuple(sorted((tuple(sorted(int(i) for i in b)) for b in (r.get("feasible") or ())),
+                         key=len))  # cheapest (fewest SA layers) first
+  for b in feasible:
+    for i in b:
+      if i not in visor.sa_candidates:
+        raise ValueError(f"model.router.feasible: layer {i} of budget {list(b)} is not an SA "
+                         f"candidate {list(visor.sa_candidates)}.")
+  if len(set(feasible)) != len(feasible):
+    raise ValueError("model.router.feasible: duplicate budgets.")
+  threshold = float(r.get("threshold", 0.5))
+  if not 0.0 < threshold <= 1.0:
+    raise ValueError(f"model.router.threshold={threshold} must be in (0, 1].")
+  router = RouterConfig(feasible=feasible, hidden=_positive("model.router.hidden",
+                                                             r.get("hidden", 256)),
+                        threshold=threshold)
   return ModelConfig(
-      vision=vision, text=text, visor=visor, feature_layer=fl,
+      vision=vision, text=text, visor=visor, router=router, feature_layer=fl,
       projector_bias=bool(m.get("projector_bias", True)), image_token_id=int(m.image_token_id),
       image_grid_pinpoints=pinpoints, vision_aspect_ratio=m.vision_aspect_ratio,
       dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.get("attention_impl"),

@@ -26,6 +26,7 @@ def _model(vision: dict, text: dict, **kw) -> ml_collections.ConfigDict:
       vision={"layer_norm_eps": 1e-6, **vision},
       text={"head_dim": None, "rms_norm_eps": 1e-6, "rope_theta": 1e6, **text},
       visor=_visor(),
+      router=dict(feasible=None, hidden=256, threshold=0.5),
       feature_layer=-1, feature_select_strategy="full", projector_bias=True,
       image_token_id=151646, image_grid_pinpoints=pinpoints(384),
       vision_aspect_ratio="anyres_max_9",

@@ -45,14 +45,12 @@ def _eval_scalars(results: dict) -> dict:
           if isinstance(v, (int, float))}
 
 
-def maybe_initialize_distributed() -> None:
-  """Multi-host: `jax.distributed.initialize()` when a coordinator is configured (TPU pod
-  slices and multi-process GPU set these variables); a no-op on one machine."""
-  markers = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS")
-  env = {k: os.environ.get(k, "") for k in markers}
-  multi = env["JAX_COORDINATOR_ADDRESS"] or "," in env["TPU_WORKER_HOSTNAMES"] or \
-      (env["SLURM_NTASKS"] not in ("", "1"))
-  if multi and not jax.distributed.is_initialized():
+def maybe_initialize_distributed(config) -> None:
+  """Multi-host: `jax.distributed.initialize()` (which auto-detects TPU pod slices and
+  SLURM/multi-process GPU) when `config.distributed` is set or a coordinator address is in the
+  environment; a no-op on one machine."""
+  if (config.get("distributed") or os.environ.get("JAX_COORDINATOR_ADDRESS")) and \
+      not jax.distributed.is_initialized():
     jax.distributed.initialize()
 
 
@@ -65,7 +63,7 @@ class TrainResult:
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains, checkpoints, evaluates; prints and returns the eval table's results."""
-  maybe_initialize_distributed()
+  maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
   writer = metrics.Writer(workdir)
 

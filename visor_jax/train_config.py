@@ -19,6 +19,7 @@ GROUPS_ALL = [(r"vision\..*", "vision"), (NEW_PARTS, "new"), (r".*", "llm")]
 def default(model: str = "small") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.distributed = False             # True on multi-host slices: jax.distributed.initialize()
   c.model = model_configs.get(model)
   # Where weights start when the run has no checkpoint of its own: '' (scratch), a
   # transformers LLaVA-OV directory, or another run's workdir / Orbax checkpoint.

@@ -67,14 +67,15 @@ class LlavaOnevision(nnx.Module):
     packed = jnp.einsum("bnk,bnkd->bnd", weight.astype(feats.dtype), taps)
     return jnp.where(newline[..., None], self.image_newline[...].astype(feats.dtype), packed)
 
-  def hidden_states(self, inputs: Mapping[str, Array], budget: Array) -> Array:
-    """Final-normed text hidden states float[B, T, D]."""
+  def hidden_states(self, inputs: Mapping[str, Array], budget: Array | None,
+                    threshold=None) -> tuple[Array, Array, Array | None]:
+    """(final-normed text hidden states float[B, T, D], budget used, router logits)."""
     validate_inputs(self.cfg, inputs, budget)
     text = self.embed[...][inputs["tokens"]].astype(self.dtype)
     vis = self.visual_tokens(inputs["pixels"], inputs["vis_src"], inputs["vis_weight"],
                              inputs["vis_newline"])
     return self.decoder(text, vis, inputs["text_pos"], inputs["vis_pos"],
-                        inputs["text_valid"], inputs["vis_valid"], budget)
+                        inputs["text_valid"], inputs["vis_valid"], budget, threshold)
 
   def logits(self, hidden: Array) -> Array:
     """float[B, T, D] → float32[B, T, V]."""
@@ -83,8 +84,14 @@ class LlavaOnevision(nnx.Module):
     return self.lm_head(hidden).astype(jnp.float32)
 
   def __call__(self, inputs: Mapping[str, Array], budget: Array) -> Array:
-    """Next-token logits for the text tokens, float32[B, T, V]."""
-    return self.logits(self.hidden_states(inputs, budget))
+    """Next-token logits for the text tokens, float32[B, T, V], at a given budget."""
+    return self.logits(self.hidden_states(inputs, budget)[0])
+
+  def routed(self, inputs: Mapping[str, Array], threshold=None) -> dict[str, Array]:
+    """The router picks each sample's budget mid-prefill: {'logits', 'budget',
+    'router_logits'}; `threshold` is the cost knob (an argument: no recompilation)."""
+    hidden, budget, router_logits = self.hidden_states(inputs, None, threshold)
+    return {"logits": self.logits(hidden), "budget": budget, "router_logits": router_logits}
 
 
 def validate_inputs(cfg: ModelConfig, inputs: Mapping[str, Array], budget) -> None:
@@ -111,6 +118,8 @@ def validate_inputs(cfg: ModelConfig, inputs: Mapping[str, Array], budget) -> No
   for key, expected_shape in expected.items():
     if shape(key) != expected_shape:
       raise ValueError(f"{key}: expected shape {expected_shape}, got {shape(key)}.")
+  if budget is None:
+    return
   if tuple(budget.shape) != (b, cfg.num_layers):
     raise ValueError(f"budget: expected bool[batch={b}, layers={cfg.num_layers}] (one bit per "
                      f"LLM layer), got shape {tuple(budget.shape)}.")

@@ -26,6 +26,7 @@ from flax import nnx
 from visor_jax.config_lib import ModelConfig, TextConfig
 from visor_jax.models.nn import RMSNorm, attention, causal_mask
 from visor_jax.models.qwen2 import Qwen2Attention, Qwen2Layer
+from visor_jax.models.router import Router, choose, last_prompt_index
 
 Array = jax.Array
 
@@ -114,18 +115,37 @@ class VisorDecoder(nnx.Module):
     self.pos_conv = (PositionalConv(t.hidden_size, z.pos_conv_kernel, rngs=rngs, dtype=dtype,
                                     param_dtype=param_dtype) if z.pos_conv else None)
     self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
+    self.router = Router(cfg, rngs=rngs, param_dtype=param_dtype) if cfg.router.enabled else None
 
   def __call__(self, text: Array, vis: Array, text_pos: Array, vis_pos: Array,
-               text_valid: Array, vis_valid: Array, budget: Array) -> Array:
-    """Runs all layers; returns the final-normed text hidden states float[B, T, D].
+               text_valid: Array, vis_valid: Array, budget: Array | None,
+               threshold: Array | float | None = None) -> tuple[Array, Array, Array | None]:
+    """Runs all layers → (final-normed text hidden states float[B, T, D], the budget used
+    bool[B, L], router logits float32[B, K] or None).
 
-    text: float[B, T, D]; vis: float[B, N, D]; *_pos: int32; *_valid: bool; budget: bool[B, L].
+    text: float[B, T, D]; vis: float[B, N, D]; *_pos: int32; *_valid: bool. `budget`
+    bool[B, L] fixes the budget; None lets the router choose it per sample, mid-prefill, at
+    cost knob `threshold` (default `cfg.router.threshold`).
     """
     if self.pos_conv is not None:
       vis = self.pos_conv(vis, vis_valid)
-    text, _ = self.run_layers(text, vis, text_pos, vis_pos, text_valid, vis_valid, budget,
-                              0, self.cfg.num_layers)
-    return self.norm(text)
+    args = (text_pos, vis_pos, text_valid, vis_valid)
+    n = self.cfg.num_layers
+    if budget is not None:
+      text, _ = self.run_layers(text, vis, *args, budget, 0, n)
+      return self.norm(text), budget, None
+    if self.router is None:
+      raise ValueError("budget: None needs a router (model.router.feasible is empty); pass "
+                       "a bool[B, L] budget.")
+    first = min(self.cfg.visor.sa_candidates)  # no feasible budget turns on a layer before it
+    prefix = jnp.zeros((text.shape[0], n), bool)
+    text, vis = self.run_layers(text, vis, *args, prefix, 0, first)
+    routing_token = text[jnp.arange(text.shape[0]), last_prompt_index(text_valid)]
+    logits = self.router(routing_token)
+    k = choose(logits, self.cfg.router.threshold if threshold is None else threshold)
+    budget = jnp.asarray(self.router.table)[k]
+    text, _ = self.run_layers(text, vis, *args, budget, first, n)
+    return self.norm(text), budget, logits
 
   def run_layers(self, text, vis, text_pos, vis_pos, text_valid, vis_valid, budget,
                  start: int, stop: int) -> tuple[Array, Array]:
