@@ -66,8 +66,20 @@ class Qwen2Layer(nnx.Module):
 
   def __call__(self, x: Array, pos: Array, mask: Array) -> Array:
     """x: float[B, S, D]; pos: int32[B, S]; mask: bool[B, 1, S, S] → float[B, S, D]."""
+    return self.with_kv(x, pos, mask)[0]
+
+  def with_kv(self, x: Array, pos: Array, mask: Array,
+              past: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
+    """The layer, also returning the keys/values of x (for a KV cache).
+
+    past: cached (k, v) float[B, P, K, H] that x's queries also attend to (decoding); the mask
+    is then bool[B, 1, S, P + S] over [past; x]. Returns (out float[B, S, D], k, v of x).
+    """
     h = self.input_norm(x)
     k, v = self.attn.project_kv(h, pos)
-    a = attention(self.attn.project_q(h, pos), k, v, mask, implementation=self.attention_impl)
+    keys, values = (k, v) if past is None else (jnp.concatenate([past[0], k], axis=1),
+                                                 jnp.concatenate([past[1], v], axis=1))
+    a = attention(self.attn.project_q(h, pos), keys, values, mask,
+                  implementation=self.attention_impl)
     x = x + self.attn.output(a)
-    return x + self.mlp(self.post_attn_norm(x))
+    return x + self.mlp(self.post_attn_norm(x)), k, v

@@ -52,7 +52,15 @@ class CrossAttention(nnx.Module):
   def __call__(self, t: Array, v: Array, t_pos: Array, v_pos: Array, v_valid: Array,
                impl: str | None = None) -> Array:
     """t: float[B, T, D], v: float[B, N, D] → the residual update float[B, T, D]."""
-    k, val = self.attn.project_kv(self.kv_norm(v), v_pos)
+    return self.read(t, *self.visual_kv(v, v_pos), t_pos, v_pos, v_valid, impl)
+
+  def visual_kv(self, v: Array, v_pos: Array) -> tuple[Array, Array]:
+    """Keys/values of the visual tokens: computed once per image, cacheable for decoding."""
+    return self.attn.project_kv(self.kv_norm(v), v_pos)
+
+  def read(self, t: Array, k: Array, val: Array, t_pos: Array, v_pos: Array, v_valid: Array,
+           impl: str | None = None) -> Array:
+    """Text queries against precomputed visual keys/values → float[B, T, D]."""
     mask = (v_pos[:, None, None, :] < t_pos[:, None, :, None]) & v_valid[:, None, None, :]
     a = attention(self.attn.project_q(self.q_norm(t), t_pos), k, val, mask, implementation=impl)
     # A text token before the image has no key to read: give it exactly nothing.
@@ -140,12 +148,16 @@ class VisorDecoder(nnx.Module):
     first = min(self.cfg.visor.sa_candidates)  # no feasible budget turns on a layer before it
     prefix = jnp.zeros((text.shape[0], n), bool)
     text, vis = self.run_layers(text, vis, *args, prefix, 0, first)
+    budget, logits = self.route(text, text_valid, threshold)
+    text, _ = self.run_layers(text, vis, *args, budget, first, n)
+    return self.norm(text), budget, logits
+
+  def route(self, text: Array, text_valid: Array, threshold=None) -> tuple[Array, Array]:
+    """Hidden states entering the first SA candidate → (budget bool[B, L], router logits)."""
     routing_token = text[jnp.arange(text.shape[0]), last_prompt_index(text_valid)]
     logits = self.router(routing_token)
     k = choose(logits, self.cfg.router.threshold if threshold is None else threshold)
-    budget = jnp.asarray(self.router.table)[k]
-    text, _ = self.run_layers(text, vis, *args, budget, first, n)
-    return self.norm(text), budget, logits
+    return jnp.asarray(self.router.table)[k], logits
 
   def run_layers(self, text, vis, text_pos, vis_pos, text_valid, vis_valid, budget,
                  start: int, stop: int) -> tuple[Array, Array]:
