@@ -65,16 +65,37 @@ class Checkpointer:
     self.manager.close()
 
 
+def checkpoint_dir(path: str) -> tuple[str, int | None]:
+  """A run's workdir, its checkpoints dir, or one step dir → (checkpoints dir, step or None)."""
+  path = os.path.abspath(path)
+  if os.path.basename(path).isdigit():
+    return os.path.dirname(path), int(os.path.basename(path))
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints"), None
+  return path, None
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def read_run_config(path: str):
+  """The experiment config a run saved with its (latest, or the given step's) checkpoint."""
+  import ml_collections
+  directory, step = checkpoint_dir(path)
+  manager = _reader(directory)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{path}: no Orbax checkpoint found.")
+  raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  return ml_collections.ConfigDict(raw)
+
+
 def restore_params_from(path: str, abstract_params: Any) -> Any:
   """Params of another run's Orbax checkpoint (its latest step, or `path` = a step dir)."""
-  path = os.path.abspath(path)
-  directory, step = path, None
-  if os.path.basename(path).isdigit():
-    directory, step = os.path.dirname(path), int(os.path.basename(path))
-  elif os.path.isdir(os.path.join(path, "checkpoints")):
-    directory = os.path.join(path, "checkpoints")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  directory, step = checkpoint_dir(path)
+  manager = _reader(directory)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"init_from={path}: no Orbax checkpoint found.")

@@ -1,6 +1,6 @@
 """Entry point: `python -m visor_jax.main --config=configs/universal.py --workdir=DIR`.
 
-The config file decides what runs (its `get_config(arg)` takes `:key=value` variants); with no
+The config file decides what runs (training, or router training for configs/router.py) (its `get_config(arg)` takes `:key=value` variants); with no
 arguments the default config trains a small VISOR model on the embedded synthetic data on CPU
 and prints an eval table.
 """
@@ -16,10 +16,15 @@ flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and the syntheti
 
 def main(argv):
   del argv
-  from visor_jax import train  # after flag parsing: grain workers re-import this module
   logging.getLogger().setLevel(logging.WARNING)   # libraries: warnings only
   logging.getLogger("visor_jax").setLevel(logging.INFO)
-  train.main(flags.FLAGS.config, flags.FLAGS.workdir)
+  config = flags.FLAGS.config
+  if "router_train" in config:  # configs/router.py
+    from visor_jax import router_train
+    router_train.main(config, flags.FLAGS.workdir)
+  else:
+    from visor_jax import train  # after flag parsing: grain workers re-import this module
+    train.main(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def model_and_tokenizer(config, workdir: str) -> tuple[ml_collections.ConfigDict
   return model, tokenizer
 
 
-def _source(config, split: str, workdir: str):
+def source_for(config, split: str, workdir: str):
+  """The records of one split: the synthetic dataset (built if missing) or LLaVA JSON."""
   d = config.data
   if d.source == "synthetic":
     data_dir = d.synthetic_dir or os.path.join(workdir, "synthetic_data")
@@ -69,7 +70,8 @@ def _source(config, split: str, workdir: str):
   raise ValueError(f"data.source={d.source!r} is not 'synthetic' or 'json'.")
 
 
-def _data_kwargs(config, cfg: ModelConfig) -> dict:
+def data_kwargs(config, cfg: ModelConfig) -> dict:
+  """`config.data` as the pipeline's keyword arguments (0 = derive from the model)."""
   d = config.data.to_dict()
   d["max_visual"] = d.get("max_visual") or None
   d["max_crops"] = d.get("max_crops") or None
@@ -77,17 +79,17 @@ def _data_kwargs(config, cfg: ModelConfig) -> dict:
 
 
 def train_iterator(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str):
-  source = _source(config, "train", workdir)
-  return pipeline.make_iterator(source, tokenizer, cfg, _data_kwargs(config, cfg),
+  source = source_for(config, "train", workdir)
+  return pipeline.make_iterator(source, tokenizer, cfg, data_kwargs(config, cfg),
                                 num_epochs=None, shuffle=True)
 
 
 def eval_batches(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str) -> list[dict]:
   """The first `config.eval_batches` batches of one in-order pass over the validation split."""
-  source = _source(config, "validation", workdir)
+  source = source_for(config, "validation", workdir)
   if source is None:
     return []
-  it = pipeline.make_iterator(source, tokenizer, cfg, _data_kwargs(config, cfg),
+  it = pipeline.make_iterator(source, tokenizer, cfg, data_kwargs(config, cfg),
                               num_epochs=1, shuffle=False, num_workers=0)
   out = []
   for batch in it:

@@ -87,23 +87,28 @@ class LlavaOnevision(nnx.Module):
     """Next-token logits for the text tokens, float32[B, T, V], at a given budget."""
     return self.logits(self.hidden_states(inputs, budget)[0])
 
-  def route(self, inputs: Mapping[str, Array], threshold=None) -> tuple[Array, Array]:
-    """Only what the router needs: the vision tower, the layers before the first SA
-    candidate, the router. Returns (budget bool[B, L], packed visual tokens float[B, N, D]) so
-    generation can group samples by budget and reuse the visual tokens."""
+  def prefix_hidden(self, inputs: Mapping[str, Array]) -> tuple[Array, Array]:
+    """Text hidden states entering the first SA-candidate layer, float[B, T, D] (the router's
+    input), and the packed visual tokens float[B, N, D]: only the vision tower and the layers
+    before the first candidate run (no feasible budget turns on an earlier layer)."""
     validate_inputs(self.cfg, inputs, None)
     dec = self.decoder
-    if dec.router is None:
-      raise ValueError("route: this model has no router (model.router.feasible is empty).")
     vis = self.visual_tokens(inputs["pixels"], inputs["vis_src"], inputs["vis_weight"],
                              inputs["vis_newline"])
     text = self.embed[...][inputs["tokens"]].astype(self.dtype)
     v = dec.pos_conv(vis, inputs["vis_valid"]) if dec.pos_conv is not None else vis
     args = (inputs["text_pos"], inputs["vis_pos"], inputs["text_valid"], inputs["vis_valid"])
-    first = min(self.cfg.visor.sa_candidates)
-    text, _ = dec.run_layers(text, v, *args, jnp.zeros((text.shape[0], self.cfg.num_layers),
-                                                          bool), 0, first)
-    budget, _ = dec.route(text, inputs["text_valid"], threshold)
+    off = jnp.zeros((text.shape[0], self.cfg.num_layers), bool)
+    text, _ = dec.run_layers(text, v, *args, off, 0, min(self.cfg.visor.sa_candidates))
+    return text, vis
+
+  def route(self, inputs: Mapping[str, Array], threshold=None) -> tuple[Array, Array]:
+    """Only what the router needs → (budget bool[B, L], packed visual tokens float[B, N, D]),
+    so generation can group samples by budget and reuse the visual tokens."""
+    if self.decoder.router is None:
+      raise ValueError("route: this model has no router (model.router.feasible is empty).")
+    text, vis = self.prefix_hidden(inputs)
+    budget, _ = self.decoder.route(text, inputs["text_valid"], threshold)
     return budget, vis
 
   def routed(self, inputs: Mapping[str, Array], threshold=None) -> dict[str, Array]:

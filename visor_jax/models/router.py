@@ -27,10 +27,13 @@ class Router(nnx.Module):
     self.norm = RMSNorm(d, cfg.text.rms_norm_eps, param_dtype=param_dtype)
     self.fc1 = Dense(d, r.hidden, ("embed", "router_hidden"), **kw)
     self.fc2 = Dense(r.hidden, len(r.feasible), ("router_hidden", None), **kw)
-    table = np.zeros((len(r.feasible), cfg.num_layers), bool)
-    for k, layers in enumerate(r.feasible):
-      table[k, list(layers)] = True
-    self.table = table  # bool[K, L], static: the feasible budgets, cheapest first
+    # The feasible budgets as static Python data (not state): bool[K][L], cheapest first.
+    self.feasible = tuple(tuple(i in layers for i in range(cfg.num_layers))
+                          for layers in r.feasible)
+
+  @property
+  def table(self) -> np.ndarray:
+    return np.asarray(self.feasible, bool)
 
   def __call__(self, h: Array) -> Array:
     """h: float[B, D] → logits float32[B, K] (computed in float32)."""

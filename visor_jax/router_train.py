@@ -1,0 +1,185 @@
+"""Router training (method note, "The router"): pseudo-labels from the frozen universal model,
+then the router MLP trained with cross-entropy. No RL, no Gumbel.
+
+1. For each training sample, score every feasible budget and the full (maximal) one:
+   'likelihood' = exp(mean log p(answer token)) (the per-token geometric-mean probability), or
+   'correct' = teacher-forced answer exact match (1/0).
+2. Its label is the cheapest feasible budget whose score reaches `ratio` (0.99) of the full
+   budget's (`pseudo_labels`).
+3. Features are the hidden state of the last prompt token entering the first SA candidate
+   (exactly what the router reads at inference; causality keeps the answer out of it). The
+   LVLM is frozen, so features are computed once and the MLP trains on them directly.
+4. The result is a new run directory: the universal params plus the router, with
+   `model.router.feasible` set, loadable by serving, evaluation and export like any run.
+
+    python -m visor_jax.main --config=configs/router.py --workdir=/tmp/visor_router \\
+      --config.router_train.from_workdir=/tmp/visor_universal
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, traverse_util
+
+from visor_jax import budgets as budgets_lib
+from visor_jax import checkpoints, config_lib, metrics, sharding, train_data
+from visor_jax.data import pipeline
+from visor_jax.models.llava_onevision import INPUT_KEYS, LlavaOnevision
+from visor_jax.models.router import Router
+
+log = logging.getLogger(__name__)
+
+
+def pseudo_labels(scores: np.ndarray, full: np.ndarray, ratio: float = 0.99) -> np.ndarray:
+  """int[N]: per sample, the cheapest budget (column, cheapest first) with score >= ratio *
+  the full budget's score; the most expensive one if none reaches it."""
+  ok = scores >= ratio * full[:, None]
+  return np.where(ok.any(axis=1), np.argmax(ok, axis=1), scores.shape[1] - 1)
+
+
+def _score(logits, targets, kind: str):
+  """float32[B]: one number per sample from its supervised tokens."""
+  mask = targets >= 0
+  if kind == "correct":
+    hit = (jnp.argmax(logits, -1) == targets) | ~mask
+    return jnp.all(hit, axis=-1).astype(jnp.float32)
+  logp = -optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
+  return jnp.exp(jnp.sum(logp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1))
+
+
+def make_label_fn(graphdef, kind: str):
+  """(params, batch, rows bool[K, L]) → (features float32[B, D], scores float32[B, K])."""
+  def fn(params, batch, rows):
+    model = nnx.merge(graphdef, params)
+    inputs = {k: batch[k] for k in INPUT_KEYS}
+    b = batch["tokens"].shape[0]
+    hidden, _ = model.prefix_hidden(inputs)
+    first_target = jnp.argmax(batch["targets"] >= 0, axis=1)  # = the last prompt token
+    features = hidden[jnp.arange(b), first_target].astype(jnp.float32)
+    scores = jax.lax.map(
+        lambda row: _score(model(inputs, jnp.broadcast_to(row, (b, row.shape[0]))),
+                           batch["targets"], kind), rows)
+    return features, scores.T
+  return fn
+
+
+def train_router(router: Router, features: np.ndarray, labels: np.ndarray, *, epochs: int,
+                 lr: float, batch_size: int, seed: int) -> float:
+  """Cross-entropy on (features, labels); returns the final training accuracy."""
+  graphdef, params = nnx.split(router)
+  tx = optax.adam(lr)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, x, y):
+    def loss_fn(p):
+      logits = nnx.merge(graphdef, p)(x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  rng = np.random.default_rng(seed)
+  n = len(labels)
+  for _ in range(epochs):
+    order = rng.permutation(n)
+    for i in range(0, n, batch_size):
+      idx = order[i:i + batch_size]
+      params, opt, _ = step(params, opt, features[idx], labels[idx])
+  nnx.update(router, params)
+  pred = np.asarray(jnp.argmax(router(jnp.asarray(features)), -1))
+  return float((pred == labels).mean())
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Builds pseudo-labels, trains the router, writes a run with the router; returns stats."""
+  r = config.router_train
+  os.makedirs(workdir, exist_ok=True)
+
+  # ---------------------------------------------------------------- the frozen universal run
+  run = checkpoints.read_run_config(r.from_workdir)
+  model_dict, tokenizer = train_data.model_and_tokenizer(run, r.from_workdir)
+  universal_cfg = config_lib.model_config(model_dict)
+  feasible = (budgets_lib.resolve_sets(run.budgets, universal_cfg) if not r.feasible else
+              _read_feasible(r.feasible))
+  model_dict.router = dict(feasible=feasible, hidden=r.hidden, threshold=r.threshold)
+  cfg = config_lib.model_config(model_dict)
+  abstract = nnx.eval_shape(lambda: LlavaOnevision(universal_cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, num_devices=1))
+  shardings = sharding.param_shardings(abstract, mesh, run.sharding_rules)
+  params = checkpoints.restore_params_from(r.from_workdir, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_params.to_pure_dict(), shardings))
+
+  # ---------------------------------------------------------------- pseudo-labels
+  sets = [list(s) for s in cfg.router.feasible] + [list(cfg.visor.sa_candidates)]
+  rows = jnp.asarray(np.concatenate([budgets_lib.from_layers(cfg, s) for s in sets]))
+  label_fn = jax.jit(make_label_fn(graphdef, r.score))
+  run.data.synthetic_dir = run.data.synthetic_dir or os.path.join(r.from_workdir,
+                                                                  "synthetic_data")
+  source = train_data.source_for(run, r.split, r.from_workdir)
+  it = pipeline.make_iterator(source, tokenizer, universal_cfg, train_data.data_kwargs(
+      run, universal_cfg), num_epochs=1, shuffle=False, num_workers=0)
+  feats, scores, families = [], [], []
+  for batch in it:
+    keep = batch["sample_valid"] & (batch["targets"] >= 0).any(axis=1)
+    f, s = jax.device_get(label_fn(params, {k: v for k, v in batch.items()
+                                            if k not in pipeline.HOST_FIELDS}, rows))
+    feats.append(f[keep]), scores.append(s[keep]), families.append(batch["family"][keep])
+    if sum(len(x) for x in feats) >= r.num_samples:
+      break
+  feats, scores, families = (np.concatenate(x)[:r.num_samples]
+                             for x in (feats, scores, families))
+  labels = pseudo_labels(scores[:, :-1], scores[:, -1], r.ratio)
+
+  # ---------------------------------------------------------------- router
+  router = Router(cfg, rngs=nnx.Rngs(config.seed))
+  acc = train_router(router, feats, labels, epochs=r.epochs, lr=r.lr, batch_size=r.batch_size,
+                     seed=config.seed)
+  chosen = np.asarray(jnp.argmax(router(jnp.asarray(feats)), -1))
+  n_sa = np.array([len(s) for s in cfg.router.feasible])
+  stats = {"samples": int(len(labels)), "router_train_accuracy": acc,
+           "label_histogram": np.bincount(labels, minlength=len(n_sa)).tolist()}
+  for code, name in ((0, "easy"), (1, "hard")):
+    sel = families == code
+    if sel.any():
+      stats[f"mean_sa_label_{name}"] = float(n_sa[labels[sel]].mean())
+      stats[f"mean_sa_router_{name}"] = float(n_sa[chosen[sel]].mean())
+  metrics.log("router: %s", stats)
+
+  # ---------------------------------------------------------------- a run with the router
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep=".")
+  for path, value in traverse_util.flatten_dict(
+      nnx.state(router, nnx.Param).to_pure_dict(), sep=".").items():
+    flat["decoder.router." + path] = np.asarray(value)
+  out_params = traverse_util.unflatten_dict(flat, sep=".")
+  out_config = ml_collections.ConfigDict(run.to_dict())
+  out_config.model = model_dict
+  out_config.init_from = r.from_workdir
+  out_config.tokenizer = os.path.join(workdir, "tokenizer")
+  tokenizer.save(out_config.tokenizer)
+  if os.path.isdir(os.path.join(r.from_workdir, "synthetic_data")) and \
+      not os.path.exists(os.path.join(workdir, "synthetic_data")):
+    shutil.copytree(os.path.join(r.from_workdir, "synthetic_data"),
+                    os.path.join(workdir, "synthetic_data"))
+  ckpt = checkpoints.Checkpointer(workdir, save_every=1, keep=1, async_save=False)
+  ckpt.save(0, {"params": out_params, "opt_state": {}, "step": np.int32(0)}, None, out_config,
+            force=True)
+  ckpt.close()
+  with open(os.path.join(workdir, "router_stats.json"), "w") as f:
+    import json
+    json.dump({**stats, "feasible": [list(s) for s in cfg.router.feasible]}, f, indent=2)
+  return stats
+
+
+def _read_feasible(path: str) -> list[list[int]]:
+  from visor_jax import evaluate
+  return evaluate.read_feasible(path)
