@@ -461,18 +461,3 @@ def run_suite(items: Sequence[Item], make_answer_fn: Callable, layer_sets: Seque
 
 def _file_label(label: str) -> str:
   return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_") or "run"
-
-
-def main(make_answer_fn: Callable, *, out_dir: str, questions: Sequence[str] = (),
-         image_root: str | None = None, synthetic_dir: str | None = None,
-         synthetic_params: dict | None = None, layer_sets: Sequence[Sequence[int]] = (),
-         **suite_kwargs) -> dict:
-  """Sketch of the entry point (its absl flags come with generation): items from question
-  files and/or the synthetic test split, then `run_suite`."""
-  items, skips = [], Skips()
-  for path in questions:
-    loaded, skips = load_questions(path, image_root, skips)
-    items += loaded
-  if synthetic_dir:
-    items += synthetic_items(synthetic_dir, "test", **(synthetic_params or {}))
-  return run_suite(items, make_answer_fn, layer_sets, out_dir, skips=skips, **suite_kwargs)

@@ -37,7 +37,7 @@ def model_and_tokenizer(config, workdir: str) -> tuple[ml_collections.ConfigDict
   model = config.model
   if is_hf_dir(config.init_from):
     model = hf_config.read_hf_config(config.init_from)
-    for key in ("visor", "dtype", "param_dtype", "attention_impl", "remat"):
+    for key in ("visor", "router", "dtype", "param_dtype", "attention_impl", "remat"):
       model[key] = config.model[key]
   tok_dir = config.tokenizer if config.tokenizer != "synthetic" else (
       config.init_from if is_hf_dir(config.init_from) else "")

@@ -1,0 +1,325 @@
+"""Evaluation entry point: accuracy vs FLOPs per budget, the router, and the feasible-budget search.
+
+  # Pareto mode (default): fixed budgets (+ the router) on the test split → results, pareto.png
+  python -m visor_jax.eval_main --model=/tmp/visor_universal --out=/tmp/eval --router
+  python -m visor_jax.eval_main --model=DIR --out=OUT --questions=a.jsonl,b.jsonl \
+      --image_root=/data/images --budgets="[];[4];[1,4]"
+  # Search mode: every candidate SA subset on the validation split → feasible.json
+  python -m visor_jax.eval_main --model=DIR --out=OUT --mode=search --max_candidates=32
+
+WHY a thin layer over `evaluate.py`: the harness knows nothing about models (it takes an
+`answer_fn`), and `serving.Assistant` knows nothing about benchmarks; this file only wires the
+two together, picks the items (question files and/or the synthetic split the model was trained
+on, with the generation parameters read from the run's saved config so the split is the same)
+and the budgets, and prints a table. `run()` is the whole program; `main()` only maps flags.
+
+Outputs under --out: results_<budget>.json per run (every sample with its prediction, score,
+budget and FLOPs), summary.json, feasible.json (the frontier of the fixed budgets evaluated,
+cheapest first: the format `evaluate.read_feasible`, the universal config's `budgets` and the
+router's `model.router.feasible` take), pareto.png. FLOPs are prefill FLOPs (see serving.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable, Sequence
+
+from visor_jax import budgets as budgets_lib
+from visor_jax import eval_metrics, evaluate
+from visor_jax import serving
+
+log = logging.getLogger(__name__)
+
+MODES = ("pareto", "search")
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+# ---------------------------------------------------------------------------------------------
+# Items.
+
+def synthetic_params(assistant: serving.Assistant | None, overrides: dict | None = None) -> dict:
+  """Generation parameters of the synthetic dataset: the run's `data.synthetic_*` fields (so
+  the split matches what it trained on), then explicit overrides (None = not given)."""
+  params = {}
+  d = (assistant.run_config or {}).get("data") if assistant is not None else None
+  if d is not None and d.get("source") == "synthetic":
+    params = dict(seed=d.synthetic_seed, sizes=dict(d.synthetic_sizes),
+                  min_side=d.synthetic_min_side, max_side=d.synthetic_max_side)
+  params.update({k: v for k, v in (overrides or {}).items() if v is not None})
+  return params
+
+
+def default_synthetic_dir(assistant: serving.Assistant) -> str | None:
+  """Where a synthetic training run keeps its dataset (`data.synthetic_dir` or
+  `<workdir>/synthetic_data`), when the model is such a run."""
+  d = (assistant.run_config or {}).get("data")
+  if d is None or d.get("source") != "synthetic":
+    return None
+  return d.get("synthetic_dir") or os.path.join(assistant.source, "synthetic_data")
+
+
+def gather_items(assistant: serving.Assistant, *, questions: Sequence[str] = (),
+                 image_root: str | None = None, synthetic_dir: str | None = None,
+                 split: str = "test", limit: int | None = None,
+                 synthetic_overrides: dict | None = None
+                 ) -> tuple[list[evaluate.Item], evaluate.Skips]:
+  """Items from question files (bad lines skipped and counted) and/or the synthetic split.
+  With neither, a synthetic training run's own dataset is used."""
+  items, skips = [], evaluate.Skips()
+  for path in questions:
+    loaded, skips = evaluate.load_questions(path, image_root, skips)
+    items += loaded[:limit] if limit else loaded
+  if not questions and not synthetic_dir:
+    synthetic_dir = default_synthetic_dir(assistant)
+    if synthetic_dir is None:
+      raise ValueError("nothing to evaluate: pass --questions and/or --synthetic_dir (the "
+                       "model is not a synthetic-data training run).")
+  if synthetic_dir:
+    items += evaluate.synthetic_items(synthetic_dir, split, limit=limit,
+                                      **synthetic_params(assistant, synthetic_overrides))
+  if not items:
+    raise ValueError("no usable items to evaluate (see the skipped-line warnings).")
+  return items, skips
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets.
+
+def parse_sets(spec: str) -> list[list[int]]:
+  """'[];[4];[1,4]' → [[], [4], [1, 4]] (also '1,4' for a single set)."""
+  out = []
+  for part in spec.split(";"):
+    layers = serving.parse_layers(part if part.strip() else "[]")
+    if isinstance(layers, str):
+      raise ValueError(f"budgets: {part!r} is not a list of layers.")
+    out.append(layers or [])
+  return out
+
+
+def fixed_budgets(assistant: serving.Assistant, spec: str | Sequence | None
+                  ) -> list[list[int]]:
+  """The fixed budgets to evaluate: `spec` (a feasible.json path, 'sets', 'maximal',
+  'default', or a list of layer lists); None → the router's feasible set, else
+  `budgets.default_feasible`. Validated against the model."""
+  cfg = assistant.cfg
+  if spec is None:
+    spec = [list(b) for b in cfg.router.feasible] if assistant.has_router else None
+  elif isinstance(spec, str):
+    if os.path.isfile(spec):
+      spec = evaluate.read_feasible(spec)
+    elif spec.strip() == "default":
+      spec = None
+    elif spec.strip() != "maximal":
+      spec = parse_sets(spec)
+  return budgets_lib.resolve_sets(spec, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering.
+
+def prompt_of(item: evaluate.Item) -> str:
+  """The question as asked; multiple-choice items list their options (lmms-eval's LLaVA-OV
+  style) so the model can answer with a letter."""
+  if not item.choices:
+    return item.question
+  options = [f"{eval_metrics.LETTERS[i]}. {t}"
+             for i, t in enumerate(eval_metrics.option_texts(item.choices))]
+  return "\n".join([item.question, *options, MC_SUFFIX])
+
+
+def answer_fn_factory(assistant: serving.Assistant, *, threshold: float | None = None,
+                      max_new_tokens: int = 16, batch_size: int | None = None) -> Callable:
+  """`make_answer_fn(sa_layers)` for `evaluate.run_suite`: `evaluate.ROUTER` (None) → the
+  router decides at `threshold`; a list → that fixed budget. Batches are padded to
+  `batch_size` (one compiled shape for the last, short batch too)."""
+  def make_answer_fn(sa_layers):
+    def answer_fn(items):
+      answers = assistant.answer([it.image for it in items], [prompt_of(it) for it in items],
+                                 sa_layers=sa_layers,
+                                 threshold=threshold if sa_layers is evaluate.ROUTER else None,
+                                 max_new_tokens=max_new_tokens, pad_to=batch_size)
+      return [(a.text, a.sa_layers, a.llm_flops, a.total_flops) for a in answers]
+    return answer_fn
+  return make_answer_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Table.
+
+def _groups(run: dict) -> list[tuple[str, dict]]:
+  """Columns: easy/hard when the items have those tags (else every tag, up to 6), then each
+  dataset when there are several."""
+  tags = run["per_tag"]
+  names = [t for t in ("easy", "hard") if t in tags] or sorted(tags)[:6]
+  cols = [(t, tags[t]) for t in names]
+  if len(run["per_dataset"]) > 1:
+    cols += sorted(run["per_dataset"].items())
+  return cols
+
+
+def format_table(runs: Sequence[dict]) -> str:
+  """Budget | n | accuracy overall and per group | mean LLM / total GFLOPs | mean #SA; the
+  router's budget histogram below."""
+  if not runs:
+    return "(no runs)"
+  names = [name for name, _ in _groups(runs[0])]
+  fmt = lambda x: "   nan" if x is None or x != x else f"{x:6.3f}"
+  head = (f"{'budget':<16} {'n':>5} {'acc':>6} " + " ".join(f"{n[:8]:>8}" for n in names)
+          + f" {'LLM GFLOPs':>11} {'total GFLOPs':>13} {'#SA':>5}")
+  lines = [head, "-" * len(head)]
+  for r in runs:
+    o, by = r["overall"], dict(_groups(r))
+    accs = " ".join(f"{fmt(by[n]['accuracy']) if n in by else '   nan':>8}" for n in names)
+    lines.append(f"{r['label']:<16} {o['n']:5d} {fmt(o['accuracy'])} {accs} "
+                 f"{o['mean_llm_flops'] / 1e9:11.4g} {o['mean_total_flops'] / 1e9:13.4g} "
+                 f"{o['mean_sa_layers']:5.2f}")
+  for r in runs:
+    if r["kind"] == "router":
+      hist = ", ".join(f"{b}: {c}" for b, c in r["overall"]["budget_histogram"].items())
+      lines.append(f"router budgets: {hist}")
+  skipped = {k: v for k, v in runs[0]["skipped"].items() if v}
+  if skipped:
+    lines.append(f"skipped items: {skipped}")
+  return "\n".join(lines)
+
+
+def format_frontier(feasible: dict) -> str:
+  lines = [f"{'budget':<16} {'acc':>6} {'LLM GFLOPs':>11} {'total GFLOPs':>13} frontier"]
+  for row in feasible["table"]:
+    lines.append(f"{evaluate.budget_label(row['sa_layers']):<16} {row['acc']:6.3f} "
+                 f"{row['llm_flops'] / 1e9:11.4g} {row['total_flops'] / 1e9:13.4g} "
+                 f"{'*' if row['on_frontier'] else ''}")
+  lines.append("feasible budgets (cheapest first): "
+               + json.dumps(feasible["feasible_budgets"]))
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The program.
+
+def run(model: str | serving.Assistant, out_dir: str, *, mode: str = "pareto",
+        questions: Sequence[str] = (), image_root: str | None = None,
+        synthetic_dir: str | None = None, synthetic_split: str | None = None,
+        synthetic_overrides: dict | None = None, limit: int | None = None,
+        budgets: str | Sequence | None = None, router: bool = False,
+        threshold: float | None = None, batch_size: int = 8, max_new_tokens: int = 16,
+        max_candidates: int = 64, exhaustive_sizes: Sequence[int] = (0, 1, 2),
+        step: int | None = None, print_fn: Callable = print) -> dict:
+  """Evaluates `model` (a path for `serving.load`, or a loaded Assistant) and writes the
+  results under `out_dir`; returns `evaluate.run_suite`'s summary.
+
+  pareto: the fixed `budgets` (+ the router when `router` and the model has one) on
+  `synthetic_split` (default 'test') and/or the question files.
+  search: every subset from `evaluate.candidate_subsets` (at most `max_candidates`) on
+  `synthetic_split` (default 'validation'), no router; feasible.json is the frontier.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+  assistant = model if isinstance(model, serving.Assistant) else serving.load(model, step=step)
+  split = synthetic_split or ("validation" if mode == "search" else "test")
+  items, skips = gather_items(assistant, questions=questions, image_root=image_root,
+                              synthetic_dir=synthetic_dir, split=split, limit=limit,
+                              synthetic_overrides=synthetic_overrides)
+  if mode == "search":
+    layer_sets = evaluate.candidate_subsets(assistant.cfg.visor.sa_candidates,
+                                            exhaustive_sizes=exhaustive_sizes,
+                                            max_count=max_candidates)
+    use_router = False
+  else:
+    layer_sets = fixed_budgets(assistant, budgets)
+    use_router = router and assistant.has_router
+    if router and not assistant.has_router:
+      log.warning("--router: the model has no router (model.router.feasible is empty); "
+                  "evaluating fixed budgets only.")
+  print_fn(f"evaluating {len(items)} items ({len(layer_sets)} fixed budgets"
+           f"{' + router' if use_router else ''}) from {assistant.source}")
+  make = answer_fn_factory(assistant, threshold=threshold, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
+  summary = evaluate.run_suite(items, make, layer_sets, out_dir, router=use_router,
+                               skips=skips, batch_size=batch_size)
+  print_fn(format_table(summary["runs"]))
+  if mode == "search" and "feasible" in summary:
+    print_fn(format_frontier(summary["feasible"]))
+  print_fn(f"wrote {os.path.abspath(out_dir)}/{{results_*.json, summary.json, feasible.json, "
+           f"pareto.png}}")
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags.
+
+def define_flags(fv) -> None:
+  from absl import flags
+  d = dict(flag_values=fv)
+  flags.DEFINE_string("model", None, "Orbax training workdir or transformers directory.", **d)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", **d)
+  flags.DEFINE_string("out", None, "Output directory.", **d)
+  flags.DEFINE_enum("mode", "pareto", list(MODES), "pareto: evaluate budgets (+router); "
+                    "search: candidate SA subsets → feasible.json.", **d)
+  flags.DEFINE_list("questions", [], "JSONL question files (comma-separated).", **d)
+  flags.DEFINE_string("image_root", None, "Relative image paths resolve here (default: each "
+                      "question file's directory).", **d)
+  flags.DEFINE_string("synthetic_dir", None, "Built synthetic dataset (default with no "
+                      "--questions: the training run's own).", **d)
+  flags.DEFINE_string("synthetic_split", None, "Default: test (pareto), validation (search).", **d)
+  flags.DEFINE_integer("synthetic_seed", None, "Default: the run's data.synthetic_seed.", **d)
+  flags.DEFINE_string("synthetic_sizes", None, "'train=4,validation=6,test=6'; default: the "
+                      "run's data.synthetic_sizes.", **d)
+  flags.DEFINE_integer("synthetic_min_side", None, "Default: the run's value.", **d)
+  flags.DEFINE_integer("synthetic_max_side", None, "Default: the run's value.", **d)
+  flags.DEFINE_integer("limit", None, "At most this many items per source.", **d)
+  flags.DEFINE_string("budgets", None, "feasible.json, '[];[4];[1,4]', 'maximal' or 'default'; "
+                      "default: the router's feasible set, else budgets.default_feasible.", **d)
+  flags.DEFINE_bool("router", False, "Also evaluate the router (if the model has one).", **d)
+  flags.DEFINE_float("threshold", None, "Router cost knob (default: the model's).", **d)
+  flags.DEFINE_integer("batch_size", 8, "Questions per generate call.", **d)
+  flags.DEFINE_integer("max_new_tokens", 16, "Generated tokens at most.", **d)
+  flags.DEFINE_integer("max_candidates", 64, "search: at most this many SA subsets.", **d)
+  flags.DEFINE_list("exhaustive_sizes", ["0", "1", "2"], "search: every subset of these sizes "
+                    "(plus one spread subset of every size).", **d)
+
+
+def _sizes(text: str | None) -> dict | None:
+  if not text:
+    return None
+  try:
+    return {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(",") if p.strip())}
+  except ValueError:
+    raise ValueError(f"--synthetic_sizes={text!r}: expected 'train=N,validation=N,test=N'.") \
+        from None
+
+
+def kwargs_from_flags(fv) -> dict:
+  """Parsed flags → `run(**kwargs)`."""
+  for name in ("model", "out"):
+    if not fv[name].value:
+      raise ValueError(f"--{name} is required.")
+  return dict(
+      model=fv.model, out_dir=fv.out, mode=fv.mode, questions=list(fv.questions),
+      image_root=fv.image_root, synthetic_dir=fv.synthetic_dir,
+      synthetic_split=fv.synthetic_split,
+      synthetic_overrides=dict(seed=fv.synthetic_seed, sizes=_sizes(fv.synthetic_sizes),
+                               min_side=fv.synthetic_min_side, max_side=fv.synthetic_max_side),
+      limit=fv.limit, budgets=fv.budgets, router=fv.router, threshold=fv.threshold,
+      batch_size=fv.batch_size, max_new_tokens=fv.max_new_tokens,
+      max_candidates=fv.max_candidates,
+      exhaustive_sizes=tuple(int(s) for s in fv.exhaustive_sizes), step=fv.step)
+
+
+def main(argv) -> None:
+  from absl import flags
+  del argv
+  logging.getLogger().setLevel(logging.WARNING)   # libraries: warnings only
+  logging.getLogger("visor_jax").setLevel(logging.INFO)
+  try:
+    kwargs = kwargs_from_flags(flags.FLAGS)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  run(**kwargs)
+
+
+if __name__ == "__main__":
+  from absl import app, flags as _flags
+  define_flags(_flags.FLAGS)
+  app.run(main)

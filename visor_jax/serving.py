@@ -1,0 +1,353 @@
+"""Load a trained VISOR model and answer questions about images: the simple Python API + CLI.
+
+    from visor_jax import serving
+    assistant = serving.load("/tmp/visor_universal")           # Orbax workdir or HF dir
+    [a] = assistant.answer([PIL.Image.open("x.png")], ["What is the 4-digit code?"])
+    a.text, a.sa_layers, a.llm_flops, a.total_flops
+
+    python -m visor_jax.serving --model=/tmp/visor_universal --image=x.png \
+        --question="What is the 4-digit code?" [--sa_layers=1,4 | --threshold=0.7]
+
+WHY one module: serving must reproduce training exactly or the model answers a prompt it never
+saw. So the model geometry comes from the same function the trainer used
+(`train_data.model_and_tokenizer`), the prompt is rendered by the training code's own
+`conversations.render_chatml` with the run's system prompt, and images go through the image
+processor the training pipeline used (`inputs.processor_spec`, i.e. the model geometry, unless a
+`preprocessor_config.json` ships with the model).
+
+Budget of a request (`Assistant.answer`):
+  sa_layers=[1, 4]       fixed: exactly these layers self-attend ([] = CA-only)
+  sa_layers="all"        every LLM layer self-attends (the original LLaVA-OV computation)
+  sa_layers="maximal"    every SA candidate self-attends (the maximal VISOR configuration)
+  sa_layers=None         the router picks per sample (cost knob `threshold`) when the model
+                         has one; otherwise "maximal".
+FLOPs in an `Answer` are the analytic *prefill* FLOPs (`flops.forward_flops`) of that sample at
+its real (unpadded) crop / visual / prompt-token counts under the budget it actually ran; the
+decode steps are not included (each costs about one text token's share of the prefill).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from visor_jax import budgets as budgets_lib
+from visor_jax import config_lib, flops
+from visor_jax.data import conversations, inputs, preprocess
+from visor_jax.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
+from visor_jax.generate import Generator
+from visor_jax.models.llava_onevision import LlavaOnevision
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = conversations.DEFAULT_SYSTEM_PROMPT
+# Padded batch shapes are rounded up to these multiples, so a stream of requests of varying
+# sizes reuses a handful of compiled programs instead of compiling one per request.
+PAD_TEXT, PAD_VISUAL, PAD_CROPS = 64, 64, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  text: str
+  sa_layers: list[int]     # the layers that self-attended for this sample
+  llm_flops: float         # prefill FLOPs of the LLM (flops.forward_flops 'llm')
+  total_flops: float       # prefill FLOPs including the vision tower and projector
+  num_visual: int          # visual tokens of the image (AnyRes packed)
+  num_crops: int           # crops through the vision tower (base view + grid)
+  num_text: int = 0        # prompt text tokens
+  num_generated: int = 0   # generated tokens, the stop token included
+
+  @property
+  def budget(self) -> str:
+    """'SA{1,4}' / 'CA-only'."""
+    return _label(self.sa_layers)
+
+
+def _label(layers: Sequence[int]) -> str:
+  return "SA{" + ",".join(map(str, layers)) + "}" if len(layers) else "CA-only"
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def parse_layers(text: str | None) -> list[int] | str | None:
+  """CLI spelling of `sa_layers`: '' / None → None (router or maximal); '[]' / 'none' →
+  CA-only; 'all' / 'maximal'; '1,4' or '[1,4]' → [1, 4]."""
+  if text is None or not text.strip():
+    return None
+  t = text.strip().lower()
+  if t in ("all", "maximal"):
+    return t
+  if t in ("[]", "none", "ca-only", "ca_only"):
+    return []
+  try:
+    return sorted(int(x) for x in t.strip("[]").split(",") if x.strip())
+  except ValueError:
+    raise ValueError(f"sa_layers={text!r}: expected '1,4', '[]', 'all' or 'maximal'.") from None
+
+
+class Assistant:
+  """A loaded model ready to answer: model, config, tokenizer, image spec and a `Generator`
+  (which keeps its compiled prefill/decode programs across calls)."""
+
+  def __init__(self, model: LlavaOnevision, cfg: config_lib.ModelConfig, tokenizer: Tokenizer,
+               spec: preprocess.ImageProcessorSpec, *,
+               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+               run_config: ml_collections.ConfigDict | None = None, source: str = ""):
+    if tokenizer.image_token_id != cfg.image_token_id:
+      raise ValueError(f"tokenizer's {IMAGE_TOKEN} id {tokenizer.image_token_id} differs from "
+                       f"the model's image_token_id {cfg.image_token_id}.")
+    self.model, self.cfg, self.tokenizer, self.spec = model, cfg, tokenizer, spec
+    self.system_prompt = system_prompt
+    self.run_config = run_config   # the training run's config (None for a transformers dir)
+    self.source = source
+    self.generator = Generator(model)
+    self.stop_ids = [i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None]
+
+  @property
+  def has_router(self) -> bool:
+    return self.cfg.router.enabled
+
+  # ------------------------------------------------------------------------------ prompt
+
+  def prompt_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
+    """ChatML ids exactly as training renders a record: system turn, user turn
+    `<image>\\nquestion`, then the open `<|im_start|>assistant\\n` header."""
+    if IMAGE_TOKEN in question or IM_START in question or IM_END in question:
+      raise ValueError(f"question contains a reserved token ({IMAGE_TOKEN}, {IM_START} or "
+                       f"{IM_END}): {question!r}")
+    system = self.system_prompt if system_prompt is None else system_prompt
+    text, _ = conversations.render_chatml([("user", f"{IMAGE_TOKEN}\n{question.strip()}")],
+                                          system)
+    return self.tokenizer.encode(text + f"{IM_START}assistant\n")
+
+  # ------------------------------------------------------------------------------ budget
+
+  def budget_rows(self, sa_layers, threshold: float | None, batch: int) -> np.ndarray | None:
+    """bool[B, L] for a fixed budget, or None when the router decides (see module doc)."""
+    if sa_layers is None and self.has_router:
+      return None
+    if threshold is not None:
+      raise ValueError("threshold is the router's cost knob: it needs sa_layers=None and a "
+                       "model with a router" + ("." if self.has_router else
+                                                " (this model has none)."))
+    if sa_layers is None or sa_layers == "maximal":
+      return budgets_lib.from_layers(self.cfg, self.cfg.visor.sa_candidates, batch)
+    if sa_layers == "all":
+      return budgets_lib.all_sa(self.cfg, batch)
+    if isinstance(sa_layers, str):
+      raise ValueError(f"sa_layers={sa_layers!r}: expected a list of layers, 'all', "
+                       "'maximal' or None.")
+    return budgets_lib.from_layers(self.cfg, sa_layers, batch)
+
+  # ------------------------------------------------------------------------------ answer
+
+  def answer(self, images: Sequence[Any], questions: Sequence[str], *,
+             sa_layers: Sequence[int] | str | None = None, threshold: float | None = None,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+             system_prompt: str | None = None, seed: int = 0,
+             pad_to: int | None = None) -> list[Answer]:
+    """One answer per (image, question), generated as one batch (samples are grouped by
+    budget inside `Generator`, so a cheap sample never pays for an expensive neighbour).
+    `system_prompt=None` uses the training run's; '' means no system turn. `pad_to` pads the
+    batch with copies of its first sample (answers dropped), so a short last batch of an
+    evaluation reuses the full batches' compiled programs instead of compiling new ones."""
+    if len(images) != len(questions):
+      raise ValueError(f"{len(images)} images but {len(questions)} questions.")
+    if not questions:
+      return []
+    samples = [inputs.build_sample(self.prompt_ids(q, system_prompt), [img], self.cfg,
+                                   self.spec) for img, q in zip(images, questions)]
+    n = len(samples)
+    padded = samples + samples[:1] * max(0, (pad_to or 0) - n)
+    budget = self.budget_rows(sa_layers, threshold, len(padded))
+    gen = self.generator.generate(
+        self._collate(padded), budget=budget, threshold=threshold,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        stop_ids=self.stop_ids, seed=seed)
+    return [self._answer(s, gen.tokens[i], gen.budget[i], int(gen.num_tokens[i]))
+            for i, s in enumerate(samples)]
+
+  def _collate(self, samples: Sequence[inputs.Sample]) -> dict[str, np.ndarray]:
+    """Pads to bucketed sizes (crops never beyond the model's maximum: padding crops still
+    run through the vision tower)."""
+    text = max(len(s.tokens) for s in samples)
+    visual = max(s.num_visual_tokens for s in samples)
+    crops = max(len(s.pixels) for s in samples)
+    crops = max(crops, min(_round_up(crops, PAD_CROPS), self.cfg.max_num_crops_per_image))
+    return inputs.collate(samples, text_len=_round_up(text, PAD_TEXT),
+                          num_visual=_round_up(visual, PAD_VISUAL), num_crops=crops)
+
+  def _answer(self, sample: inputs.Sample, tokens: np.ndarray, budget_row: np.ndarray,
+              num_generated: int) -> Answer:
+    ids = [int(t) for t in tokens if t >= 0 and t not in self.stop_ids]
+    layers = flops.budget_sa_layers(budget_row)
+    f = flops.forward_flops(self.cfg, num_crops=len(sample.pixels),
+                            num_visual=sample.num_visual_tokens, num_text=len(sample.tokens),
+                            sa_layers=layers)
+    return Answer(text=self.tokenizer.decode(ids).strip(), sa_layers=layers,
+                  llm_flops=float(f["llm"]), total_flops=float(f["total"]),
+                  num_visual=sample.num_visual_tokens, num_crops=len(sample.pixels),
+                  num_text=len(sample.tokens), num_generated=num_generated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+def load(path: str, *, step: int | None = None, model_overrides: dict | None = None
+         ) -> Assistant:
+  """An Orbax training workdir (latest or given `step`) or a transformers LLaVA-OV directory
+  → `Assistant`. `model_overrides` updates the model ConfigDict (e.g. {'dtype': 'bfloat16'},
+  {'router': {'threshold': 0.7}}); geometry changes will not match the checkpoint."""
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    if step is not None:
+      raise ValueError(f"{path} is a transformers directory: it has no steps (step={step}).")
+    return _load_hf(path, model_overrides)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return _load_workdir(path, step, model_overrides)
+  raise FileNotFoundError(f"{path}: neither a training workdir (no checkpoints/) nor a "
+                          "transformers directory (no config.json).")
+
+
+def _load_hf(path: str, model_overrides: dict | None) -> Assistant:
+  from visor_jax.convert import hf_import
+  model, cfg = hf_import.load_hf_model(path, model_overrides)
+  return Assistant(model, cfg, Tokenizer.from_dir(path), _image_spec(cfg, path), source=path)
+
+
+def _checkpoint_manager(workdir: str):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               item_names=("state", "data", "config"),
+                               options=ocp.CheckpointManagerOptions(
+                                   read_only=True, save_interval_steps=0, create=False))
+
+
+def read_run_config(workdir: str, step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, int]:
+  """(the run's config as saved with the checkpoint, the step): the latest one by default."""
+  import orbax.checkpoint as ocp
+  manager = _checkpoint_manager(workdir)
+  steps = list(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"{workdir}: no checkpoint under checkpoints/.")
+  step = max(steps) if step is None else int(step)
+  if step not in steps:
+    raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {sorted(steps)}).")
+  raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  return ml_collections.ConfigDict(raw), step
+
+
+def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the run's tokenizer lives here: `<workdir>/tokenizer` (saved by synthetic runs),
+  else the config's tokenizer dir, else '' (the trainer's own rule: init_from or rebuild)."""
+  for d in (os.path.join(workdir, "tokenizer"), config.get("tokenizer", "")):
+    if d and d != "synthetic" and os.path.isfile(os.path.join(d, "tokenizer.json")):
+      return d
+  return ""
+
+
+def _load_workdir(workdir: str, step: int | None, model_overrides: dict | None) -> Assistant:
+  from visor_jax import checkpoints, train_data  # heavy (data pipeline): only when needed
+  config, step = read_run_config(workdir, step)
+  config.unlock()
+  tok_dir = _tokenizer_dir(config, workdir)
+  if tok_dir:
+    config.tokenizer = tok_dir
+  with tempfile.TemporaryDirectory() as scratch:  # a rebuilt tokenizer is saved; not here
+    model_dict, tokenizer = train_data.model_and_tokenizer(config, scratch)
+  if model_overrides:
+    model_dict.update(model_overrides)
+  cfg = config_lib.model_config(model_dict)
+  abstract = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        params.to_pure_dict())
+  try:
+    restored = checkpoints.restore_params_from(
+        os.path.join(workdir, "checkpoints", str(step)), target)
+  except (ValueError, KeyError) as e:
+    raise ValueError(
+        f"{workdir} step {step}: the checkpoint's params do not fit the model built from its "
+        f"config (model geometry from config.model, or init_from={config.get('init_from')!r} "
+        f"config.json when that directory exists here): {e}") from e
+  nnx.replace_by_pure_dict(params, restored)
+  model = nnx.merge(graphdef, params, rest)
+  system = config.get("data", {}).get("system_prompt", DEFAULT_SYSTEM_PROMPT)
+  return Assistant(model, cfg, tokenizer, _image_spec(cfg, workdir), system_prompt=system,
+                   run_config=config, source=workdir)
+
+
+def _image_spec(cfg: config_lib.ModelConfig, directory: str) -> preprocess.ImageProcessorSpec:
+  """The directory's preprocessor_config.json when it ships one, else what the training
+  pipeline uses (`inputs.processor_spec`: the model geometry, mean/std 0.5)."""
+  if any(os.path.isfile(os.path.join(directory, f))
+         for f in ("preprocessor_config.json", "processor_config.json")):
+    return preprocess.ImageProcessorSpec.from_hf_dir(directory)
+  return inputs.processor_spec(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+def define_flags(fv) -> None:
+  from absl import flags
+  flags.DEFINE_string("model", None, "Orbax training workdir or transformers directory.",
+                      flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", flag_values=fv)
+  flags.DEFINE_string("image", None, "Image file.", flag_values=fv)
+  flags.DEFINE_string("question", None, "The question.", flag_values=fv)
+  flags.DEFINE_string("sa_layers", None, "'1,4', '[]' (CA-only), 'all', 'maximal'; unset: the "
+                      "router decides (or maximal without one).", flag_values=fv)
+  flags.DEFINE_float("threshold", None, "Router cost knob in (0, 1].", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 32, "Generated tokens at most.", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.0, "0: greedy.", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "Nucleus mass when sampling.", flag_values=fv)
+
+
+def cli(fv) -> str:
+  """Runs one question from parsed flags; returns the printed report."""
+  from visor_jax.data.conversations import ImageLoader
+  for name in ("model", "image", "question"):
+    if not fv[name].value:
+      raise ValueError(f"--{name} is required.")
+  assistant = load(fv.model, step=fv.step)
+  image = ImageLoader()(fv.image)
+  [a] = assistant.answer([image], [fv.question], sa_layers=parse_layers(fv.sa_layers),
+                         threshold=fv.threshold, max_new_tokens=fv.max_new_tokens,
+                         temperature=fv.temperature, top_p=fv.top_p)
+  how = "router" if fv.sa_layers is None and assistant.has_router else "fixed"
+  return "\n".join([
+      f"answer: {a.text}",
+      f"budget: {a.budget} ({how}; {len(a.sa_layers)} of {assistant.cfg.num_layers} layers "
+      f"self-attend)",
+      f"tokens: {a.num_crops} crops, {a.num_visual} visual, {a.num_text} prompt, "
+      f"{a.num_generated} generated",
+      f"prefill FLOPs: LLM {a.llm_flops / 1e9:.4g} G, total {a.total_flops / 1e9:.4g} G"])
+
+
+def main(argv) -> None:
+  import sys
+  from absl import flags
+  del argv
+  logging.getLogger().setLevel(logging.WARNING)   # libraries (orbax): warnings only
+  try:
+    print(cli(flags.FLAGS), flush=True)
+  except (ValueError, FileNotFoundError, conversations.BadSample) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags as _flags
+  define_flags(_flags.FLAGS)
+  app.run(main)
