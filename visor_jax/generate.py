@@ -219,23 +219,31 @@ class Generator:
     return out
 
   def _generate_group(self, idx, row, x, vis, out, max_new, temperature, top_p, stop_ids, key):
+    # Pad the group to a power of two (repeating its first request) so group sizes share
+    # compilations: at most log2(B) + 1 programs per number of SA layers.
+    n, padded = len(idx), 1 << (len(idx) - 1).bit_length()
+    if padded > n:
+      take = np.r_[np.arange(n), np.zeros(padded - n, int)]
+      x, vis = {k: v[take] for k, v in x.items()}, vis[take]
     np_tables = _layer_tables(self.cfg, row)
     tables = {k: jnp.asarray(v) for k, v in np_tables.items()}
     text_len = x["text_valid"].sum(axis=1).astype(np.int32)
     max_len = x["tokens"].shape[1] + max_new
     logits, cache = self._prefill(self.state, x, vis, tables, int(row.sum()),
                                   int(np_tables["is_ca"].sum()), max_len)
-    out.cache_bytes[idx] = sum(int(c.nbytes) for c in cache.values()) // len(idx)
-    last_pos = np.maximum(x["text_pos"][np.arange(len(idx)), text_len - 1],
+    out.cache_bytes[idx] = sum(int(c.nbytes) for c in cache.values()) // padded
+    last_pos = np.maximum(x["text_pos"][np.arange(padded), text_len - 1],
                           np.max(np.where(x["vis_valid"], x["vis_pos"], -1), axis=1))
     pos, index = last_pos + 1, text_len.copy()
-    done = np.zeros(len(idx), bool)
+    done = np.zeros(padded, bool)
+    done[n:] = True  # padding rows: computed, never recorded
     stop = np.asarray(list(stop_ids), np.int32)
     for step in range(max_new):
       key, sub = jax.random.split(key)
       token = np.asarray(sample_token(logits, sub, temperature, top_p))
-      out.tokens[idx[~done], step] = token[~done]
-      out.num_tokens[idx[~done]] += 1
+      live = ~done[:n]
+      out.tokens[idx[live], step] = token[:n][live]
+      out.num_tokens[idx[live]] += 1
       done |= np.isin(token, stop)
       if done.all() or step == max_new - 1:
         break
