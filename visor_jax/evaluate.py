@@ -338,7 +338,7 @@ def plot_pareto(results: Sequence[dict], path: str | os.PathLike, *, x: str = "b
     ax.set_ylabel(accuracy_key.replace("_", " "))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=8, loc="lower right")
+      ax.legend(fontsize=8, loc="best")
   fig.suptitle(title or "accuracy vs FLOPs")
   fig.tight_layout()
   path = os.fspath(path)
