@@ -1,0 +1,15 @@
+"""Model geometry: model_configs.tiny() (analytic tools only; no data or training settings).
+
+Run: python -m visor_jax.flops --config=configs/tiny.py
+Variants: --config=configs/tiny.py:dtype=bfloat16
+"""
+import ml_collections
+
+from visor_jax import config_lib, model_configs
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_lib.parse_arg(arg, dtype="float32")
+  model = model_configs.tiny()
+  model.dtype = args.dtype
+  return ml_collections.ConfigDict(dict(model=model))
