@@ -219,8 +219,11 @@ def load(path: str, *, step: int | None = None, model_overrides: dict | None = N
 
 
 def _load_hf(path: str, model_overrides: dict | None) -> Assistant:
-  from visor_jax.convert import hf_import
-  model, cfg = hf_import.load_hf_model(path, model_overrides)
+  from visor_jax.convert import hf_config, hf_import, torch_export
+  if hf_config.is_visor_export(path):  # trained VISOR parts and router come from visor.*
+    model, cfg = torch_export.load_exported(path, model_overrides)
+  else:
+    model, cfg = hf_import.load_hf_model(path, model_overrides)
   return Assistant(model, cfg, Tokenizer.from_dir(path), _image_spec(cfg, path), source=path)
 
 

@@ -124,12 +124,16 @@ def initial_params(config, cfg: ModelConfig, abstract_model: nnx.Module, param_s
   log.info("init_from: transformers directory %s", config.init_from)
   flat_random = traverse_util.flatten_dict(random, sep=".")
   shapes = {k: v.shape for k, v in flat_random.items()}
-  flat = hf_import.read_hf_params(config.init_from, cfg, shapes, np.dtype(
-      jax.numpy.dtype(cfg.param_dtype)))
-  for k, v in flat_random.items():  # VISOR's new parts: random init, then the method's init
-    if k not in flat:
-      flat[k] = np.asarray(multihost_utils.process_allgather(v, tiled=True))
-  hf_import.init_visor_parts(flat, cfg)
+  dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+  if hf_config.is_visor_export(config.init_from):  # every parameter is in the directory
+    from visor_jax.convert import torch_export
+    flat = torch_export.read_exported_params(config.init_from, cfg, shapes, dtype)
+  else:
+    flat = hf_import.read_hf_params(config.init_from, cfg, shapes, dtype)
+    for k, v in flat_random.items():  # VISOR's new parts: random init, then the method's init
+      if k not in flat:
+        flat[k] = np.asarray(multihost_utils.process_allgather(v, tiled=True))
+    hf_import.init_visor_parts(flat, cfg)
   flat_sh = traverse_util.flatten_dict(param_sh, sep=".")
   out = {k: jax.make_array_from_callback(v.shape, flat_sh[k], lambda idx, v=v: v[idx])
          for k, v in flat.items()}

@@ -65,9 +65,23 @@ def from_hf_dict(hf: dict[str, Any]) -> ml_collections.ConfigDict:
   if hf.get("image_grid_pinpoints"):
     m.image_grid_pinpoints = [list(p) for p in hf["image_grid_pinpoints"]]
   m.vision_aspect_ratio = hf.get("vision_aspect_ratio", "anyres_max_9")
-  if "visor" in hf:  # written by our exporter
-    m.visor.update(hf["visor"])
+  if "visor" in hf:  # written by our exporter: the VISOR layout and the router
+    visor = dict(hf["visor"])
+    router = visor.pop("router", None)
+    m.visor.update(visor)
+    if router:
+      m.router.update(router)
   return m
+
+
+def is_visor_export(directory: str) -> bool:
+  """True for a directory written by `visor_jax.export` (its VISOR tensors must be loaded
+  from `visor.*`, not initialised as for a plain LLaVA-OV checkpoint)."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return "visor" in json.load(f)
 
 
 def read_hf_config(directory: str) -> ml_collections.ConfigDict:

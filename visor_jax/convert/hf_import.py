@@ -142,16 +142,17 @@ def read_hf_params(directory: str, cfg: ModelConfig,
     n = layers[hf_key.split(".")[0]] if "{i}" in hf_key else None
     keys = [hf_key.format(i=i) for i in range(n)] if n is not None else [hf_key]
     parts = []
+    expected = tuple(shapes[path])[1:] if n is not None else tuple(shapes[path])
     for key in keys:
       if key not in by_key:
         raise ValueError(f"{directory}: tensor {key!r} is missing from the checkpoint.")
       used.add(key)
-      parts.append(np.asarray(hook(reader.get(by_key[key])), dtype=dtype))
+      part = np.asarray(hook(reader.get(by_key[key])), dtype=dtype)
+      if part.shape != expected:
+        raise ValueError(f"{key}: shape {part.shape} in our layout does not match the model's "
+                         f"{expected} (config.json and weights disagree?).")
+      parts.append(part)
     value = np.stack(parts) if n is not None else parts[0]
-    if value.shape != tuple(shapes[path]):
-      raise ValueError(f"{keys[0] if n is None else hf_key}: shape {value.shape} in our layout "
-                       f"does not match the model's {tuple(shapes[path])} (config.json and "
-                       "weights disagree?).")
     out[path] = value
   unused = sorted(k for k in by_key if k not in used and not _IGNORED.match(k))
   if unused:
