@@ -10,7 +10,7 @@ from flax import nnx
 
 from visor_jax import config_lib, model_configs
 from visor_jax.convert import hf_config
-from visor_jax.models.llava_onevision import LlavaOnevision
+from visor_jax.models.llava_onevision import LlavaOnevision, abstract_inputs
 
 VISOR_PARTS = ("decoder.cross.", "decoder.pos_conv.")
 
@@ -58,14 +58,8 @@ def test_forward_eval_shape_at_full_size(name):
   cfg, model = _abstract(model_configs.get(name))
   graphdef, state = nnx.split(model)
   b, t, p, n = 1, 64, 37, 7371  # a 2304x2304 image: 37 crops, 7,371 visual tokens
-  s = cfg.vision.image_size
   sds = jax.ShapeDtypeStruct
-  inputs = dict(
-      tokens=sds((b, t), jnp.int32), text_pos=sds((b, t), jnp.int32),
-      text_valid=sds((b, t), jnp.bool_), pixels=sds((b, p, s, s, 3), jnp.float32),
-      vis_src=sds((b, n, 4), jnp.int32), vis_weight=sds((b, n, 4), jnp.float32),
-      vis_newline=sds((b, n), jnp.bool_), vis_pos=sds((b, n), jnp.int32),
-      vis_valid=sds((b, n), jnp.bool_))
+  inputs = abstract_inputs(cfg, b, t, p, n)
   out = jax.eval_shape(lambda st, x, bud: nnx.merge(graphdef, st)(x, bud), state, inputs,
                        sds((b, cfg.num_layers), jnp.bool_))
   assert out.shape == (b, t, cfg.text.vocab_size) and out.dtype == jnp.float32

@@ -99,6 +99,6 @@ def test_router_training_end_to_end(tmp_path):
   majority = max(stats["label_histogram"]) / 24
   assert stats["router_train_accuracy"] >= majority - 1e-9
   from visor_jax import checkpoints
-  saved = checkpoints.read_run_config(str(tmp_path / "router"))
+  saved, _ = checkpoints.read_run_config(str(tmp_path / "router"))
   assert [list(b) for b in saved.model.router.feasible] == FEASIBLE
   assert os.path.exists(tmp_path / "router" / "tokenizer" / "tokenizer.json")

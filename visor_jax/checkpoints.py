@@ -80,16 +80,20 @@ def _reader(directory: str) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(read_only=True))
 
 
-def read_run_config(path: str):
-  """The experiment config a run saved with its (latest, or the given step's) checkpoint."""
+def read_run_config(path: str, step: int | None = None):
+  """(the experiment config a run saved with its checkpoint, that step): the latest step, the
+  step of a step dir, or `step`."""
   import ml_collections
-  directory, step = checkpoint_dir(path)
+  directory, dir_step = checkpoint_dir(path)
   manager = _reader(directory)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{path}: no Orbax checkpoint found.")
+  steps = list(manager.all_steps())
+  step = step if step is not None else dir_step if dir_step is not None else (
+      max(steps) if steps else None)
+  if step is None or step not in steps:
+    raise FileNotFoundError(f"{path}: no Orbax checkpoint{'' if step is None else f' of step {step}'}"
+                            f" (have {sorted(steps)}).")
   raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  return ml_collections.ConfigDict(raw)
+  return ml_collections.ConfigDict(raw), step
 
 
 def restore_params_from(path: str, abstract_params: Any) -> Any:

@@ -75,7 +75,7 @@ def export(checkpoint: str, out: str, dtype: str = "float32", tokenizer: str | N
   from visor_jax.convert import torch_export
   directory, step = resolve_step(checkpoint)
   step_dir = os.path.join(directory, str(step))
-  config = checkpoints.read_run_config(step_dir)
+  config, _ = checkpoints.read_run_config(step_dir)
   config.unlock()
   tok_dir = tokenizer or run_tokenizer_dir(config, os.path.dirname(directory))
   if tok_dir:

@@ -189,10 +189,9 @@ def xla_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_
   activations), each 1 flop per element.
   """
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
-  from visor_jax.models.llava_onevision import LlavaOnevision
+  from visor_jax.models.llava_onevision import LlavaOnevision, abstract_inputs
 
   if vision_depth(cfg) > 1:
     raise ValueError(f"xla_forward_flops: the vision tower runs {vision_depth(cfg)} layers in a "
@@ -201,14 +200,7 @@ def xla_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_
   model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   budget = budgets.from_layers(cfg, sa_layers, batch=1)  # numpy: closed over, static
-  s, sds = cfg.vision.image_size, jax.ShapeDtypeStruct
-  b, t, n, p = 1, num_text, num_visual, num_crops
-  inputs = dict(
-      tokens=sds((b, t), jnp.int32), text_pos=sds((b, t), jnp.int32),
-      text_valid=sds((b, t), jnp.bool_), pixels=sds((b, p, s, s, 3), jnp.float32),
-      vis_src=sds((b, n, 4), jnp.int32), vis_weight=sds((b, n, 4), jnp.float32),
-      vis_newline=sds((b, n), jnp.bool_), vis_pos=sds((b, n), jnp.int32),
-      vis_valid=sds((b, n), jnp.bool_))
+  inputs = abstract_inputs(cfg, 1, num_text, num_crops, num_visual)
   forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, budget))
   cost = forward.lower(state, inputs).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

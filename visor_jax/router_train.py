@@ -104,7 +104,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
 
   # ---------------------------------------------------------------- the frozen universal run
-  run = checkpoints.read_run_config(r.from_workdir)
+  run, _ = checkpoints.read_run_config(r.from_workdir)
   model_dict, tokenizer = train_data.model_and_tokenizer(run, r.from_workdir)
   universal_cfg = config_lib.model_config(model_dict)
   feasible = (budgets_lib.resolve_sets(run.budgets, universal_cfg) if not r.feasible else

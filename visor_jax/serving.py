@@ -227,29 +227,6 @@ def _load_hf(path: str, model_overrides: dict | None) -> Assistant:
   return Assistant(model, cfg, Tokenizer.from_dir(path), _image_spec(cfg, path), source=path)
 
 
-def _checkpoint_manager(workdir: str):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               item_names=("state", "data", "config"),
-                               options=ocp.CheckpointManagerOptions(
-                                   read_only=True, save_interval_steps=0, create=False))
-
-
-def read_run_config(workdir: str, step: int | None = None
-                    ) -> tuple[ml_collections.ConfigDict, int]:
-  """(the run's config as saved with the checkpoint, the step): the latest one by default."""
-  import orbax.checkpoint as ocp
-  manager = _checkpoint_manager(workdir)
-  steps = list(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"{workdir}: no checkpoint under checkpoints/.")
-  step = max(steps) if step is None else int(step)
-  if step not in steps:
-    raise FileNotFoundError(f"{workdir}: no checkpoint of step {step} (have {sorted(steps)}).")
-  raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  return ml_collections.ConfigDict(raw), step
-
-
 def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where the run's tokenizer lives here: `<workdir>/tokenizer` (saved by synthetic runs),
   else the config's tokenizer dir, else '' (the trainer's own rule: init_from or rebuild)."""
@@ -261,7 +238,7 @@ def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _load_workdir(workdir: str, step: int | None, model_overrides: dict | None) -> Assistant:
   from visor_jax import checkpoints, train_data  # heavy (data pipeline): only when needed
-  config, step = read_run_config(workdir, step)
+  config, step = checkpoints.read_run_config(workdir, step)
   config.unlock()
   tok_dir = _tokenizer_dir(config, workdir)
   if tok_dir:

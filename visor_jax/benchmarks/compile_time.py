@@ -13,23 +13,13 @@ from absl import app, flags
 from flax import nnx
 
 from visor_jax import config_lib, model_configs
-from visor_jax.models.llava_onevision import LlavaOnevision
+from visor_jax.models.llava_onevision import LlavaOnevision, abstract_inputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("depths", ["6", "12", "24"], "LLM depths to compile.")
 flags.DEFINE_integer("visual", 3699, "Visual tokens (3,699 = one 768x768 image).")
 flags.DEFINE_integer("crops", 5, "Crops per sample.")
 flags.DEFINE_integer("text", 64, "Text tokens.")
-
-
-def abstract_inputs(cfg, b, t, p, n):
-  s, sds = cfg.vision.image_size, jax.ShapeDtypeStruct
-  return dict(
-      tokens=sds((b, t), jnp.int32), text_pos=sds((b, t), jnp.int32),
-      text_valid=sds((b, t), jnp.bool_), pixels=sds((b, p, s, s, 3), jnp.float32),
-      vis_src=sds((b, n, 4), jnp.int32), vis_weight=sds((b, n, 4), jnp.float32),
-      vis_newline=sds((b, n), jnp.bool_), vis_pos=sds((b, n), jnp.int32),
-      vis_valid=sds((b, n), jnp.bool_))
 
 
 def compile_seconds(depth: int) -> float:

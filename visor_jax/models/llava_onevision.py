@@ -118,6 +118,19 @@ class LlavaOnevision(nnx.Module):
     return {"logits": self.logits(hidden), "budget": budget, "router_logits": router_logits}
 
 
+def abstract_inputs(cfg: ModelConfig, batch: int, text: int, crops: int, visual: int
+                    ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes/dtypes of a model input batch, for `jax.eval_shape` / `lower` without data."""
+  s, sds = cfg.vision.image_size, jax.ShapeDtypeStruct
+  b, t, p, n = batch, text, crops, visual
+  return dict(
+      tokens=sds((b, t), jnp.int32), text_pos=sds((b, t), jnp.int32),
+      text_valid=sds((b, t), jnp.bool_), pixels=sds((b, p, s, s, 3), jnp.float32),
+      vis_src=sds((b, n, 4), jnp.int32), vis_weight=sds((b, n, 4), jnp.float32),
+      vis_newline=sds((b, n), jnp.bool_), vis_pos=sds((b, n), jnp.int32),
+      vis_valid=sds((b, n), jnp.bool_))
+
+
 def validate_inputs(cfg: ModelConfig, inputs: Mapping[str, Array], budget) -> None:
   """Shape/dtype checks on the host, before tracing: errors name the offending input."""
   missing = [k for k in INPUT_KEYS if k not in inputs]
