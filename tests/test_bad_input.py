@@ -1,5 +1,4 @@
 """Bad input gets a clear error naming the problem, before anything compiles."""
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -1,5 +1,4 @@
 """Our LLaVA-OV (loaded from a transformers directory) equals transformers' logits, in float32."""
-import jax
 import numpy as np
 import pytest
 import torch

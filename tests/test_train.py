@@ -6,7 +6,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -104,7 +103,7 @@ def test_sharded_mesh_matches_one_device_and_budgets_never_recompile(tmp_path, s
     result = train.main(c, str(tmp_path / name))
     runs[name] = (result, tf.step_losses(str(tmp_path / name)), tf.read_metrics(
         str(tmp_path / name)))
-  (one, l_one, _), (sharded, l_mesh, m_mesh) = runs["one"], runs["mesh"]
+  (_, l_one, _), (sharded, l_mesh, m_mesh) = runs["one"], runs["mesh"]
   # f32, different reduction orders across shards: equal to a few ulps of the loss scale.
   np.testing.assert_allclose([l_mesh[s] for s in sorted(l_mesh)],
                              [l_one[s] for s in sorted(l_one)], rtol=0, atol=2e-5)

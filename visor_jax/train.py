@@ -14,7 +14,6 @@ import signal
 import jax
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from visor_jax import budgets as budgets_lib

@@ -24,7 +24,6 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from visor_jax.config_lib import ModelConfig
