@@ -6,7 +6,6 @@ import PIL.Image
 import pytest
 
 import hf_fixtures
-from visor_jax import config_lib, model_configs
 from visor_jax.data import conversations as conv
 
 # transformers' llava-onevision chat template (convert_llava_onevision_weights_to_hf.py).
@@ -22,16 +21,6 @@ EXPECTED = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
             "<|im_start|>assistant\nThe code reads 4821.<|im_end|>\n"
             "<|im_start|>user\nHow many large shapes are there?<|im_end|>\n"
             "<|im_start|>assistant\nthree<|im_end|>\n")
-
-
-@pytest.fixture(scope="module")
-def cfg():
-  return config_lib.model_config(model_configs.tiny())
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return hf_fixtures.tiny_tokenizer()
 
 
 def png(h=30, w=40, seed=0) -> bytes:

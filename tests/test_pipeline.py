@@ -9,20 +9,9 @@ import PIL.Image
 import pytest
 
 import hf_fixtures
-from visor_jax import config_lib, model_configs
 from visor_jax.data import pipeline
 
 BUCKETS = (96, 160, 256)
-
-
-@pytest.fixture(scope="module")
-def cfg():
-  return config_lib.model_config(model_configs.tiny())
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return hf_fixtures.tiny_tokenizer()
 
 
 def png(h, w, seed) -> bytes:
