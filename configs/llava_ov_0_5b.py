@@ -1,4 +1,4 @@
-"""Model geometry: model_configs.llava_ov_0_5b() (analytic tools only; no data or training settings).
+"""Model geometry model_configs.llava_ov_0_5b(), for the analytic tools (no data or training).
 
 Run: python -m visor_jax.flops --config=configs/llava_ov_0_5b.py
 Variants: --config=configs/llava_ov_0_5b.py:dtype=bfloat16

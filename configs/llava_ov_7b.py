@@ -1,4 +1,4 @@
-"""Model geometry: model_configs.llava_ov_7b() (analytic tools only; no data or training settings).
+"""Model geometry model_configs.llava_ov_7b(), for the analytic tools (no data or training).
 
 Run: python -m visor_jax.flops --config=configs/llava_ov_7b.py
 Variants: --config=configs/llava_ov_7b.py:dtype=bfloat16

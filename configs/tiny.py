@@ -1,4 +1,4 @@
-"""Model geometry: model_configs.tiny() (analytic tools only; no data or training settings).
+"""Model geometry model_configs.tiny(), for the analytic tools (no data or training).
 
 Run: python -m visor_jax.flops --config=configs/tiny.py
 Variants: --config=configs/tiny.py:dtype=bfloat16

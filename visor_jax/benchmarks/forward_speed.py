@@ -10,8 +10,10 @@ speed-up with the analytic FLOPs ratio (`visor_jax.flops`), and times transforme
 The model: LLaVA-OV 0.5B widths (Qwen2 896 wide, 14/2 heads, FFN 4864, vocab 152k; SigLIP
 1152 wide, 384² crops of 14 px patches) with fewer layers so that one forward takes seconds on
 2 cores: `--layers` LLM layers (CA on every third from 0, every other layer an SA candidate)
-and `--vision_layers` SigLIP layers. Timings: median of `--repeats` runs after one warm-up,
-`block_until_ready`, prefill logits for the text tokens.
+and `--vision_layers` SigLIP layers. Timings: prefill logits for the text tokens,
+`block_until_ready`, median of `--repeats` runs after one warm-up, runs interleaved and runs
+disturbed by other processes re-run (see `interleaved_medians`). About 2.5 minutes on an idle
+2-core machine with the defaults.
 
 Run: python -m visor_jax.benchmarks.forward_speed [--image_size=384] [--text_len=64]
      [--layers=6] [--vision_layers=4] [--repeats=3] [--skip_torch]
@@ -55,8 +57,8 @@ PROMPT_PREFIX = 3  # text tokens before the image placeholder
 def bench_model_config(layers: int, vision_layers: int) -> Any:
   """`config.model` at 0.5B widths and the given depths.
 
-  CA on every third layer from 0; every other layer is an SA candidate, so a 6-layer model
-  offers budgets of 0..4 SA layers (the 24-layer default keeps 8 candidates of 16 such).
+  CA on every third layer from 0 (as 0.5B); every non-CA layer is an SA candidate (0.5B has
+  only every third from 1), so a 6-layer model offers budgets of 0..4 SA layers.
   """
   m = model_configs.llava_ov_0_5b()
   m.text.num_layers = layers
