@@ -41,22 +41,27 @@ def first_candidates(cfg: ModelConfig, k: int, batch: int = 1) -> np.ndarray:
   return from_layers(cfg, cands[:k], batch)
 
 
-def spread_candidates(cfg: ModelConfig, k: int, batch: int = 1) -> np.ndarray:
-  """k SA candidates spread evenly over the candidate list (always including the last)."""
-  cands = cfg.visor.sa_candidates
-  if not 0 <= k <= len(cands):
-    raise ValueError(f"budget: {k} SA layers requested, model has {len(cands)} candidates.")
+def spread_layers(candidates: Sequence[int], k: int) -> list[int]:
+  """k of the candidate layers spread evenly over the list, always including the last."""
+  if not 0 <= k <= len(candidates):
+    raise ValueError(f"budget: {k} SA layers requested, there are {len(candidates)} candidates.")
   if k == 0:
-    return ca_only(cfg, batch)
-  picks = np.round(np.linspace(len(cands) - 1, 0, k)[::-1]).astype(int) if k > 1 else [len(cands) - 1]
-  return from_layers(cfg, [cands[i] for i in picks], batch)
+    return []
+  n = len(candidates)
+  picks = np.round(np.linspace(n - 1, 0, k)[::-1]).astype(int) if k > 1 else [n - 1]
+  return sorted(int(candidates[i]) for i in picks)
+
+
+def spread_candidates(cfg: ModelConfig, k: int, batch: int = 1) -> np.ndarray:
+  """bool[batch, L]: k SA candidates spread evenly (`spread_layers`)."""
+  return from_layers(cfg, spread_layers(cfg.visor.sa_candidates, k), batch)
 
 
 def default_feasible(cfg: ModelConfig) -> list[list[int]]:
   """0, 1, 2, 4, 8, ... SA layers spread over the candidates, and all of them."""
   n = len(cfg.visor.sa_candidates)
   sizes = sorted({0, n} | {k for k in (1, 2, 4, 8, 16) if k < n})
-  return [np.flatnonzero(spread_candidates(cfg, k)[0]).tolist() for k in sizes]
+  return [spread_layers(cfg.visor.sa_candidates, k) for k in sizes]
 
 
 def resolve_sets(spec, cfg: ModelConfig) -> list[list[int]]:

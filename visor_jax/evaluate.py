@@ -35,6 +35,7 @@ import numpy as np
 
 from visor_jax import budgets as budgets_lib
 from visor_jax import eval_metrics
+from visor_jax.budgets import spread_layers as spread_subset  # the one spread rule
 from visor_jax.data.conversations import BadSample, ImageLoader
 
 log = logging.getLogger(__name__)
@@ -350,15 +351,6 @@ def plot_pareto(results: Sequence[dict], path: str | os.PathLike, *, x: str = "b
 
 # ---------------------------------------------------------------------------------------------
 # Feasible budgets: the accuracy/FLOPs frontier over candidate SA subsets.
-
-def spread_subset(candidates: Sequence[int], k: int) -> list[int]:
-  """k candidates spread evenly, always including the last (as `budgets.spread_candidates`)."""
-  if k == 0:
-    return []
-  n = len(candidates)
-  picks = np.round(np.linspace(n - 1, 0, k)[::-1]).astype(int) if k > 1 else [n - 1]
-  return sorted(int(candidates[i]) for i in picks)
-
 
 def candidate_subsets(sa_candidates: Sequence[int], *, exhaustive_sizes: Sequence[int] = (0, 1, 2),
                       max_count: int = 64) -> list[list[int]]:

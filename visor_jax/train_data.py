@@ -112,14 +112,14 @@ def initial_params(config, cfg: ModelConfig, abstract_model: nnx.Module, param_s
   def init(seed):
     return nnx.state(LlavaOnevision(cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
 
+  if config.init_from and not is_hf_dir(config.init_from):  # no random init needed
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nnx.state(abstract_model, nnx.Param).to_pure_dict(), param_sh)
+    log.info("init_from: Orbax checkpoint %s", config.init_from)
+    return checkpoints.restore_params_from(config.init_from, abstract)
   random = jax.jit(init, static_argnums=0, out_shardings=param_sh)(config.seed)
   if not config.init_from:
     return random
-  if not is_hf_dir(config.init_from):
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            random, param_sh)
-    log.info("init_from: Orbax checkpoint %s", config.init_from)
-    return checkpoints.restore_params_from(config.init_from, abstract)
 
   log.info("init_from: transformers directory %s", config.init_from)
   flat_random = traverse_util.flatten_dict(random, sep=".")

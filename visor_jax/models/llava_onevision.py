@@ -66,13 +66,18 @@ class LlavaOnevision(nnx.Module):
     packed = jnp.einsum("bnk,bnkd->bnd", weight.astype(feats.dtype), taps)
     return jnp.where(newline[..., None], self.image_newline[...].astype(feats.dtype), packed)
 
+  def streams(self, inputs: Mapping[str, Array]) -> tuple[Array, Array]:
+    """The decoder's two inputs: text embeddings float[B, T, D], packed visual tokens
+    float[B, N, D] (before VISOR's positional conv)."""
+    text = self.embed[...][inputs["tokens"]].astype(self.dtype)
+    return text, self.visual_tokens(inputs["pixels"], inputs["vis_src"], inputs["vis_weight"],
+                                    inputs["vis_newline"])
+
   def hidden_states(self, inputs: Mapping[str, Array], budget: Array | None,
                     threshold=None) -> tuple[Array, Array, Array | None]:
     """(final-normed text hidden states float[B, T, D], budget used, router logits)."""
     validate_inputs(self.cfg, inputs, budget)
-    text = self.embed[...][inputs["tokens"]].astype(self.dtype)
-    vis = self.visual_tokens(inputs["pixels"], inputs["vis_src"], inputs["vis_weight"],
-                             inputs["vis_newline"])
+    text, vis = self.streams(inputs)
     return self.decoder(text, vis, inputs["text_pos"], inputs["vis_pos"],
                         inputs["text_valid"], inputs["vis_valid"], budget, threshold)
 
@@ -92,9 +97,7 @@ class LlavaOnevision(nnx.Module):
     before the first candidate run (no feasible budget turns on an earlier layer)."""
     validate_inputs(self.cfg, inputs, None)
     dec = self.decoder
-    vis = self.visual_tokens(inputs["pixels"], inputs["vis_src"], inputs["vis_weight"],
-                             inputs["vis_newline"])
-    text = self.embed[...][inputs["tokens"]].astype(self.dtype)
+    text, vis = self.streams(inputs)
     v = dec.pos_conv(vis, inputs["vis_valid"]) if dec.pos_conv is not None else vis
     args = (inputs["text_pos"], inputs["vis_pos"], inputs["text_valid"], inputs["vis_valid"])
     off = jnp.zeros((text.shape[0], self.cfg.num_layers), bool)
