@@ -6,11 +6,12 @@ cross-entropy, LVLM frozen. Writes a run directory with the router added.
     --config.router_train.from_workdir=/tmp/visor_universal
 
 `feasible` may name a feasible.json written by the budget search (python -m
-visor_jax.eval_main --mode=search); by default the universal run's training budgets are used.
+visor_jax.evaluation.main --mode=search), checked against the model's SA candidates; by default
+the universal run's training budgets are used.
 """
 import ml_collections
 
-from visor_jax import train_config
+from visor_jax.training import config as train_config
 
 
 def get_config(arg=None):

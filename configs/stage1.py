@@ -8,7 +8,7 @@ frozen LLaVA-OV, with the maximal configuration (all SA candidates on).
 
 With no arguments it runs the same recipe on the small model and synthetic data (CPU).
 """
-from visor_jax import train_config
+from visor_jax.training import config as train_config
 
 
 def get_config(arg=None):
@@ -17,5 +17,5 @@ def get_config(arg=None):
   c.optim.param_groups = train_config.GROUPS_STAGE1  # everything else frozen
   c.optim.lr = 1e-4 if c.init_from else 1e-3
   c.budgets = "maximal"  # all SA candidates on
-  c.eval_budgets = None
+  c.eval_budgets = ""
   return c

@@ -8,7 +8,7 @@ maximal configuration, starting from the stage-1 run.
 
 With no arguments it runs the same recipe on the small model and synthetic data (CPU).
 """
-from visor_jax import train_config
+from visor_jax.training import config as train_config
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ Real recipe (after stage 1 and stage 2, see README): LLaVA-OV 0.5B, LLaVA-format
     --config.init_from=gs://.../stage2 \
     --config.data.json_path=/data/llava_ov_si.jsonl --config.data.image_root=/data/images
 """
-from visor_jax import train_config
+from visor_jax.training import config as train_config
 
 
 def get_config(arg=None):

@@ -50,9 +50,9 @@ def test_budget_of_wrong_length(setup):
   with pytest.raises(ValueError, match="budget"):
     model(batch, np.ones((1, cfg.num_layers + 1), bool))
   with pytest.raises(ValueError, match="budget"):
-    budgets.check(cfg, np.ones(cfg.num_layers - 1, bool), batch=1)
+    budgets.check_mask(cfg, np.ones(cfg.num_layers - 1, bool), batch=1)
   with pytest.raises(ValueError, match="budget"):
-    budgets.from_layers(cfg, [cfg.num_layers])
+    budgets.mask(cfg, [cfg.num_layers])
 
 
 def test_pixels_of_wrong_rank_or_dtype(setup):

@@ -1,7 +1,7 @@
 """Hand-computed cases for every metric, with the official VQAv2 normalisation corner cases."""
 import pytest
 
-from visor_jax import eval_metrics as m
+from visor_jax.evaluation import metrics as m
 
 
 # ----------------------------------------------------------------------------- VQA normalisation

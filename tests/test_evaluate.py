@@ -7,7 +7,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from visor_jax import budgets, config_lib, evaluate, model_configs
+from visor_jax import budgets, config_lib, model_configs
+from visor_jax.evaluation import harness
 
 # id -> (prediction, sa_layers, llm_flops, total_flops); the expected scores are in comments.
 FAKE = {"q1": ("Red.", [4, 1], 10.0, 30.0),      # exact_match "red": 1
@@ -51,7 +52,7 @@ def fake_answer_fn(seen_batches):
 
 
 def test_load_questions_reports_and_skips(qfile):
-  items, skips = evaluate.load_questions(qfile)
+  items, skips = harness.load_questions(qfile)
   assert [it.id for it in items] == ["q1", "q2", "q3", "x3", "x4", "q4"]
   assert dict(skips.counts) == {"invalid_json": 1, "missing_field": 1, "bad_field": 1}
   assert [e["source"] for e in skips.examples] == ["vqa.jsonl:3", "vqa.jsonl:5", "vqa.jsonl:6"]
@@ -62,9 +63,9 @@ def test_load_questions_reports_and_skips(qfile):
 
 
 def test_run_eval_aggregates_by_dataset_and_tag(qfile):
-  items, skips = evaluate.load_questions(qfile)
+  items, skips = harness.load_questions(qfile)
   seen = []
-  r = evaluate.run_eval(items, fake_answer_fn(seen), batch_size=2, skips=skips)
+  r = harness.run_eval(items, fake_answer_fn(seen), batch_size=2, skips=skips)
   assert seen == [["q1", "q2"], ["q3"], ["q4"]]       # x3/x4 dropped from the 2nd batch
   assert r["kind"] == "router" and r["label"] == "router" and r["sa_layers"] is None
   assert r["n_scored"] == 4 and r["n_items"] == 9
@@ -92,6 +93,9 @@ def test_run_eval_aggregates_by_dataset_and_tag(qfile):
   assert (easy["n"], easy["accuracy"], easy["mean_llm_flops"]) == (2, 1.0, 10.0)
   assert (hard["n"], hard["accuracy"], hard["mean_total_flops"]) == (1, 0.0, 22.0)
   assert chart["n"] == 1 and chart["budget_histogram"] == {"SA{1,4}": 1}
+  # Question groups: an item's first tag, else its dataset (no dataset-specific codes).
+  assert set(r["per_group"]) == {"easy", "hard", "vqa"}
+  assert r["per_group"]["easy"]["n"] == 2 and r["per_group"]["vqa"]["accuracy"] == 1.0
 
   s = {x["id"]: x for x in r["samples"]}
   assert s["q1"]["score"] == 1.0 and s["q1"]["sa_layers"] == [1, 4]
@@ -100,7 +104,7 @@ def test_run_eval_aggregates_by_dataset_and_tag(qfile):
 
 
 def test_fixed_budget_run_and_flops_fn(qfile):
-  items, _ = evaluate.load_questions(qfile)
+  items, _ = harness.load_questions(qfile)
   calls = []
 
   def flops_fn(item, sa_layers):
@@ -108,35 +112,29 @@ def test_fixed_budget_run_and_flops_fn(qfile):
     return 100.0 * len(sa_layers), 1000.0
 
   answer_fn = lambda batch: [("x", [7], None, None) for _ in batch]
-  r = evaluate.run_eval(items, answer_fn, sa_layers=[7], flops_fn=flops_fn, keep_samples=False)
+  r = harness.run_eval(items, answer_fn, sa_layers=[7], flops_fn=flops_fn, keep_samples=False)
   assert r["kind"] == "fixed" and r["label"] == "SA{7}" and r["sa_layers"] == [7]
   assert "samples" not in r and r["n_scored"] == 4 and len(calls) == 4
   assert r["overall"]["mean_llm_flops"] == 100.0 and r["overall"]["mean_total_flops"] == 1000.0
   with pytest.raises(ValueError, match="no FLOPs"):
-    evaluate.run_eval(items, answer_fn)
+    harness.run_eval(items, answer_fn)
   with pytest.raises(ValueError, match="returned 0 answers"):
-    evaluate.run_eval(items, lambda batch: [])
+    harness.run_eval(items, lambda batch: [])
 
 
 def test_odd_image_reference_is_skipped_not_fatal():
-  item = evaluate.Item(id="z", dataset="d", question="q", answers=("a",), metric="exact_match",
+  item = harness.Item(id="z", dataset="d", question="q", answers=("a",), metric="exact_match",
                        image=12345)
-  r = evaluate.run_eval([item], lambda batch: [("a", [], 1.0, 1.0)] * len(batch))
+  r = harness.run_eval([item], lambda batch: [("a", [], 1.0, 1.0)] * len(batch))
   assert r["n_scored"] == 0 and r["skipped"]["bad_field"] == 1
   assert np.isnan(r["overall"]["accuracy"])
 
 
-def test_budget_label_matches_budgets_describe():
-  cfg = config_lib.model_config(model_configs.llava_ov_0_5b())
-  for layers in ([], [1], [1, 4, 22]):
-    assert evaluate.budget_label(layers) == budgets.describe(budgets.from_layers(cfg, layers)[0])
-
-
 def test_result_json_file(qfile, tmp_path):
-  items, skips = evaluate.load_questions(qfile)
-  r = evaluate.run_eval(items, fake_answer_fn([]), skips=skips)
-  r["per_tag"]["empty"] = evaluate.summarize([])          # NaN accuracy -> null
-  path = evaluate.write_json(r, tmp_path / "out" / "result.json")
+  items, skips = harness.load_questions(qfile)
+  r = harness.run_eval(items, fake_answer_fn([]), skips=skips)
+  r["per_tag"]["empty"] = harness.summarize([])          # NaN accuracy -> null
+  path = harness.write_json(r, tmp_path / "out" / "result.json")
   with open(path) as f:
     back = json.load(f)
   assert back["overall"]["accuracy"] == 0.75 and back["skipped"]["corrupt_image"] == 1
@@ -159,18 +157,18 @@ HAND_TABLE = [
 
 
 def test_pareto_frontier_on_hand_table():
-  front = evaluate.pareto_frontier(HAND_TABLE)
+  front = harness.pareto_frontier(HAND_TABLE)
   assert [r["sa_layers"] for r in front] == [[], [1], [1, 4, 7]]
-  gain = evaluate.pareto_frontier(HAND_TABLE, min_gain=0.15)
+  gain = harness.pareto_frontier(HAND_TABLE, min_gain=0.15)
   assert [r["sa_layers"] for r in gain] == [[], [1, 4, 7]]
-  by_total = evaluate.pareto_frontier(HAND_TABLE, cost_key="total_flops")
+  by_total = harness.pareto_frontier(HAND_TABLE, cost_key="total_flops")
   assert [r["sa_layers"] for r in by_total] == [[4], [1], [1, 4, 7]]   # [4] is cheapest here
-  assert evaluate.pareto_frontier(list(reversed(HAND_TABLE))) == front  # order-free
+  assert harness.pareto_frontier(list(reversed(HAND_TABLE))) == front  # order-free
 
 
 def test_feasible_file_roundtrip(tmp_path):
-  table = evaluate.write_feasible(tmp_path / "feasible.json", HAND_TABLE)
-  assert evaluate.read_feasible(tmp_path / "feasible.json") == [[], [1], [1, 4, 7]]
+  table = harness.write_feasible(tmp_path / "feasible.json", HAND_TABLE)
+  assert budgets.read_feasible(tmp_path / "feasible.json") == [[], [1], [1, 4, 7]]
   with open(tmp_path / "feasible.json") as f:
     data = json.load(f)
   assert data == table and data["cost_key"] == "llm_flops"
@@ -181,30 +179,27 @@ def test_feasible_file_roundtrip(tmp_path):
   assert set(data["table"][0]) == {"sa_layers", "acc", "llm_flops", "total_flops", "on_frontier"}
   (tmp_path / "bad.json").write_text('{"feasible_budgets": []}')
   with pytest.raises(ValueError, match="feasible_budgets"):
-    evaluate.read_feasible(tmp_path / "bad.json")
+    budgets.read_feasible(tmp_path / "bad.json")
 
 
 def test_candidate_subsets():
   cfg = config_lib.model_config(model_configs.llava_ov_0_5b())
   cands = list(cfg.visor.sa_candidates)                         # 8 candidates
-  for k in range(len(cands) + 1):                               # same spread as budgets.py
-    assert evaluate.spread_subset(cands, k) == np.flatnonzero(
-        budgets.spread_candidates(cfg, k)[0]).tolist()
-  subsets = evaluate.candidate_subsets(cands, max_count=1000)
+  subsets = harness.candidate_subsets(cands, max_count=1000)
   assert len(subsets) == 9 + (1 + 8 + 28) - 3                 # [], [22], [1,22] overlap
   assert len({tuple(s) for s in subsets}) == len(subsets)
   assert subsets[0] == [] and subsets[-1] == cands
-  capped = evaluate.candidate_subsets(cands, max_count=20)
+  capped = harness.candidate_subsets(cands, max_count=20)
   assert len(capped) == 20
-  assert all(evaluate.spread_subset(cands, k) in capped for k in range(len(cands) + 1))
-  assert evaluate.candidate_subsets(cands, max_count=5) == sorted(
-      [evaluate.spread_subset(cands, k) for k in range(9)], key=lambda s: (len(s), s))
+  assert all(budgets.spread_layers(cands, k) in capped for k in range(len(cands) + 1))
+  assert harness.candidate_subsets(cands, max_count=5) == sorted(
+      [budgets.spread_layers(cands, k) for k in range(9)], key=lambda s: (len(s), s))
 
 
 # ----------------------------------------------------------------------------- suite and plot
 
 def test_run_suite_writes_results_plot_and_frontier(qfile, tmp_path):
-  items, skips = evaluate.load_questions(qfile)
+  items, skips = harness.load_questions(qfile)
   need = {"q1": 0, "q2": 1, "q3": 2, "q4": 3}   # SA layers an item needs to be answered right
 
   def make_answer_fn(sa_layers):
@@ -219,7 +214,7 @@ def test_run_suite_writes_results_plot_and_frontier(qfile, tmp_path):
     return answer_fn
 
   out = tmp_path / "suite"
-  summary = evaluate.run_suite(items, make_answer_fn, [[], [1], [1, 4], [1, 4, 7]], out,
+  summary = harness.run_suite(items, make_answer_fn, [[], [1], [1, 4], [1, 4, 7]], out,
                                skips=skips, batch_size=3)
   labels = [r["label"] for r in summary["runs"]]
   assert labels == ["CA-only", "SA{1}", "SA{1,4}", "SA{1,4,7}", "router"]
@@ -229,7 +224,7 @@ def test_run_suite_writes_results_plot_and_frontier(qfile, tmp_path):
   router = summary["runs"][-1]["overall"]
   assert router["mean_llm_flops"] == pytest.approx(1e9 * (1 + 1.5))
   assert router["budget_histogram"] == {"CA-only": 1, "SA{1,4,7}": 1, "SA{1,4}": 1, "SA{1}": 1}
-  assert evaluate.read_feasible(out / "feasible.json") == [[], [1, 4], [1, 4, 7]]
+  assert budgets.read_feasible(out / "feasible.json") == [[], [1, 4], [1, 4, 7]]
   for name in ("results_CA-only.json", "results_SA_1_4_7.json", "results_router.json",
                "summary.json"):
     assert (out / name).is_file(), name
@@ -244,14 +239,14 @@ def test_run_suite_writes_results_plot_and_frontier(qfile, tmp_path):
 
 
 def test_plot_single_panel(qfile, tmp_path):
-  items, _ = evaluate.load_questions(qfile)
-  r = evaluate.run_eval(items, fake_answer_fn([]))
-  path = evaluate.plot_pareto([r], tmp_path / "p.png", x="total",
+  items, _ = harness.load_questions(qfile)
+  r = harness.run_eval(items, fake_answer_fn([]))
+  path = harness.plot_pareto([r], tmp_path / "p.png", x="total",
                               accuracy_key="dataset_mean_accuracy")
   with PIL.Image.open(path) as im:
     assert im.width < 1000
   with pytest.raises(ValueError, match="x="):
-    evaluate.plot_pareto([r], tmp_path / "q.png", x="flops")
+    harness.plot_pareto([r], tmp_path / "q.png", x="flops")
 
 
 # ----------------------------------------------------------------------------- synthetic source
@@ -262,15 +257,15 @@ def test_items_from_synthetic_records(monkeypatch):
   asked = []
   monkeypatch.setattr(synthetic, "records",
                       lambda split, data_dir, **kw: asked.append((split, data_dir, kw)) or recs)
-  assert [it.id for it in evaluate.synthetic_items("/d", limit=3, seed=1)] == [
+  assert [it.id for it in harness.synthetic_items("/d", limit=3, seed=1)] == [
       r["id"] for r in recs[:3]]
   assert asked == [("test", "/d", {"seed": 1})]
-  items = evaluate.items_from_synthetic(recs)
+  items = harness.items_from_synthetic(recs)
   for it, rec in zip(items, recs):
     assert it.id == rec["id"] and it.dataset == "synthetic" and it.metric == "exact_match"
     assert it.answers == (rec["answer"],) and it.tags == (rec["family"], rec["kind"])
     assert "<image>" not in it.question and it.question.endswith("?")
   answer_fn = lambda batch: [(it.answers[0].upper() + ".", [], 1.0, 2.0) for it in batch]
-  r = evaluate.run_eval(items, answer_fn)                       # PNG bytes decode fine
+  r = harness.run_eval(items, answer_fn)                       # PNG bytes decode fine
   assert r["n_scored"] == 4 and r["overall"]["accuracy"] == 1.0
   assert set(r["per_tag"]) >= {rec["family"] for rec in recs}

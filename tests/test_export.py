@@ -22,7 +22,10 @@ import transformers
 from flax import nnx
 
 import hf_fixtures
-from visor_jax import budgets, checkpoints, config_lib, export, generate, train_config
+from model_fixtures import prompt_ids as _prompt_ids
+from visor_jax import budgets, checkpoints, config_lib, export
+from visor_jax.inference import generate
+from visor_jax.training import config as train_config
 from visor_jax.convert import hf_import, safetensors_io, torch_export
 from visor_jax.convert.torch_model import VisorForConditionalGeneration
 from visor_jax.data import inputs as inputs_lib
@@ -65,11 +68,6 @@ def _randomize(model, seed=0):
       new = 0.2 * rng.normal(size=shape)
     flat[path] = jnp.asarray(new, value.dtype)
   hf_import.set_params(model, flat)
-
-
-def _prompt_ids(tok, text):
-  return (tok.encode("<|im_start|>user\n") + [tok.image_token_id]
-          + tok.encode("\n" + text + "<|im_end|>\n<|im_start|>assistant\n"))
 
 
 def _samples(tok, cfg):
@@ -115,14 +113,13 @@ def run(tmp_path_factory):
   cfg = config_lib.model_config(config.model)
   model = LlavaOnevision(cfg, rngs=nnx.Rngs(0))
   _randomize(model)
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   state = {"params": params, "opt_state": optax.adam(1e-3).init(params),
            "step": jnp.asarray(STEP, jnp.int32)}
   workdir = tmp_path_factory.mktemp("run")
   tok = hf_fixtures.tiny_tokenizer()
-  tok.save(str(workdir / "tokenizer"))  # where the trainer keeps the synthetic tokenizer
   ckpt = checkpoints.Checkpointer(str(workdir), save_every=1, keep=1, async_save=False)
-  ckpt.save(STEP, state, None, config, force=True)
+  ckpt.save(STEP, state, None, config, config.model, tok.files, force=True)  # as train.py
   ckpt.close()
   out = str(tmp_path_factory.mktemp("export"))
   _run_export_cli(checkpoint=str(workdir), out=out, max_shard_size="400KB")
@@ -141,8 +138,8 @@ def _budget(cfg, kind, batch=4):
     return budgets.all_sa(cfg, batch)
   if kind == "ca_only":
     return budgets.ca_only(cfg, batch)
-  return np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg), budgets.from_layers(cfg, [1, 4]),
-                         budgets.from_layers(cfg, [4])])
+  return np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg), budgets.mask(cfg, [1, 4]),
+                         budgets.mask(cfg, [4])])
 
 
 def test_export_directory_layout(run):
@@ -200,7 +197,7 @@ def test_greedy_generation_equals_jax(run):
   samples by budget); per-sample budgets are covered by the logits tests, and the router path
   is checked to be "route once on the prompt, then decode at that budget"."""
   steps = 5
-  budget = budgets.from_layers(run["cfg"], [1, 4], len(run["samples"]))
+  budget = budgets.mask(run["cfg"], [1, 4], len(run["samples"]))
   ref = generate.Generator(run["model"]).generate(run["batch"], budget=budget,
                                                   max_new_tokens=steps).tokens
   ours = run["torch_model"].generate(run["batch"], steps, budget=budget).numpy()

@@ -101,7 +101,7 @@ def test_saving_monotone_in_sa_count(cfg_0_5b):
   base = flops.llava_ov_flops(cfg_0_5b, **shape)
   llm, total = [], []
   for k in range(len(cfg_0_5b.visor.sa_candidates) + 1):
-    layers = flops.budget_sa_layers(budgets.spread_candidates(cfg_0_5b, k)[0])
+    layers = budgets.spread_layers(cfg_0_5b.visor.sa_candidates, k)
     f = flops.forward_flops(cfg_0_5b, sa_layers=layers, **shape)
     llm.append(base["llm"] / f["llm"])
     total.append(base["total"] / f["total"])

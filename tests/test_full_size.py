@@ -22,7 +22,7 @@ def _abstract(m):
 
 def _counts(model):
   base = visor = 0
-  for path, v in nnx.state(model, nnx.Param).flat_state():
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name = ".".join(map(str, path))
     n = int(np.prod(v.shape))
     if name.startswith(VISOR_PARTS):

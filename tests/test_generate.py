@@ -4,10 +4,10 @@ import pytest
 from flax import nnx
 
 import hf_fixtures
-from test_visor import _perturb_new_parts
+from model_fixtures import perturb_new_parts, prompt_ids
 from visor_jax import budgets, config_lib, model_configs
 from visor_jax.data import inputs as inputs_lib
-from visor_jax.generate import Generator, _layer_tables
+from visor_jax.inference.generate import Generator, _layer_tables
 from visor_jax.models.llava_onevision import LlavaOnevision
 
 NEW = 6
@@ -19,14 +19,12 @@ def setup():
   m.router.feasible = [[], [4], [1, 4]]
   cfg = config_lib.model_config(m)
   model = LlavaOnevision(cfg, rngs=nnx.Rngs(2))
-  _perturb_new_parts(model)
+  perturb_new_parts(model)
   tok = hf_fixtures.tiny_tokenizer()
   prompts = ["What colour is the small square?", "Read the code.", "How many shapes?"]
   sizes = [(40, 70), (84, 84), (20, 60)]
-  samples = [inputs_lib.build_sample(
-      tok.encode("<|im_start|>user\n") + [tok.image_token_id]
-      + tok.encode(f"\n{p}<|im_end|>\n<|im_start|>assistant\n"), [hf_fixtures.random_image(
-          *hw, seed=i)], cfg) for i, (p, hw) in enumerate(zip(prompts, sizes))]
+  samples = [inputs_lib.build_sample(prompt_ids(tok, p), [hf_fixtures.random_image(*hw, seed=i)],
+                                     cfg) for i, (p, hw) in enumerate(zip(prompts, sizes))]
   return cfg, model, Generator(model), samples
 
 
@@ -53,7 +51,7 @@ def _uncached_greedy(model, sample, budget_row, steps):
 @pytest.mark.parametrize("layers", [list(range(6)), [], [1], [1, 4]])
 def test_cached_generation_equals_uncached_forwards(setup, layers):
   cfg, model, gen, samples = setup
-  row = budgets.from_layers(cfg, layers)[0]
+  row = budgets.mask(cfg, layers)[0]
   out = gen.generate(inputs_lib.collate(samples[:1]), budget=row[None], max_new_tokens=NEW)
   assert out.tokens[0].tolist() == _uncached_greedy(model, samples[0], row, NEW)
 
@@ -61,7 +59,7 @@ def test_cached_generation_equals_uncached_forwards(setup, layers):
 def test_batch_with_different_budgets_equals_each_alone(setup):
   cfg, model, gen, samples = setup
   rows = np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg),
-                         budgets.from_layers(cfg, [1])])
+                         budgets.mask(cfg, [1])])
   out = gen.generate(inputs_lib.collate(samples), budget=rows, max_new_tokens=NEW)
   for i, s in enumerate(samples):
     assert out.tokens[i].tolist() == _uncached_greedy(model, s, rows[i], NEW), i
@@ -72,13 +70,13 @@ def test_kv_cache_holds_visual_entries_only_for_layers_that_ran(setup):
   cfg, _, gen, samples = setup
   batch = inputs_lib.collate(samples[:1])
   full = gen.generate(batch, budget=budgets.all_sa(cfg), max_new_tokens=2).cache_bytes[0]
-  two = gen.generate(batch, budget=budgets.from_layers(cfg, [1, 4]),
+  two = gen.generate(batch, budget=budgets.mask(cfg, [1, 4]),
                      max_new_tokens=2).cache_bytes[0]
   t_max = batch["tokens"].shape[1] + 2
   n = batch["vis_valid"].shape[1]
   per_entry = 2 * cfg.text.num_kv_heads * cfg.text.head_dim * 4  # k and v, float32
   L = cfg.num_layers
-  n_ca_two = len(_layer_tables(cfg, budgets.from_layers(cfg, [1, 4])[0])["ca_slot"].nonzero()[0])
+  n_ca_two = len(_layer_tables(cfg, budgets.mask(cfg, [1, 4])[0])["ca_slot"].nonzero()[0])
   assert full == per_entry * (L * t_max + L * n)             # every layer SA, no CA runs
   assert two == per_entry * (L * t_max + 2 * n + 2 * n)       # 2 SA + 2 CA (layers 0, 3)
   assert two < full
@@ -106,7 +104,7 @@ def test_router_budgets_group_and_threshold_moves_flops(setup):
 def test_sampling_is_seeded_and_top_p_zero_is_greedy(setup):
   cfg, _, gen, samples = setup
   batch = inputs_lib.collate(samples[:2])
-  b = budgets.from_layers(cfg, [1], 2)
+  b = budgets.mask(cfg, [1], 2)
   greedy = gen.generate(batch, budget=b, max_new_tokens=NEW).tokens
   a = gen.generate(batch, budget=b, max_new_tokens=NEW, temperature=1.0, seed=3).tokens
   again = gen.generate(batch, budget=b, max_new_tokens=NEW, temperature=1.0, seed=3).tokens

@@ -62,7 +62,7 @@ def test_batches_have_static_bucket_shapes(records, tok, cfg):
     assert b["targets"].shape == (B, T) and b["targets"].dtype == np.int32
     assert b["vis_pos"].shape == (B, max_visual)
     assert b["pixels"].shape == (B, max_crops, 28, 28, 3)
-    assert b["family"].shape == b["record_index"].shape == b["sample_valid"].shape == (B,)
+    assert b["group"].shape == b["record_index"].shape == b["sample_valid"].shape == (B,)
     assert b["bad_counts"].shape == (len(pipeline.BAD_REASONS),)
     n = b["text_valid"].sum(1)[b["sample_valid"]]
     smaller = max([0] + [x for x in BUCKETS if x < T])
@@ -71,9 +71,9 @@ def test_batches_have_static_bucket_shapes(records, tok, cfg):
   assert lengths == set(BUCKETS)
   valid = np.concatenate([b["record_index"][b["sample_valid"]] for b in batches])
   assert sorted(valid) == list(range(len(records)))
-  fam = {int(i): int(f) for b in batches for i, f, v in
-         zip(b["record_index"], b["family"], b["sample_valid"]) if v}
-  assert [fam[i] for i in range(3)] == [0, 1, -1]
+  fam = {int(i): str(f) for b in batches for i, f, v in
+         zip(b["record_index"], b["group"], b["sample_valid"]) if v}
+  assert [fam[i] for i in range(3)] == ["easy", "hard", ""]  # the record's family, '' if none
 
 
 def write_bad_jsonl(tmp_path, n_good=10):
@@ -179,12 +179,14 @@ def test_json_list_source_and_config_dict(records, tok, cfg, tmp_path):
 
 def test_global_batch_and_throughput(records, tok, cfg):
   import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from visor_jax import sharding
   it = run(records, tok, cfg, batch_size=8, num_epochs=None)
   assert pipeline.measure_throughput(it, 2) > 0
   local = next(it)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  batch = pipeline.make_global_batch(local, NamedSharding(mesh, PartitionSpec("data")))
+  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+  batch = sharding.to_global(local, mesh, pipeline.HOST_FIELDS)
   assert isinstance(batch["tokens"], jax.Array) and batch["tokens"].shape == local["tokens"].shape
+  assert len(batch["tokens"].addressable_shards) == jax.device_count()
   np.testing.assert_array_equal(np.asarray(batch["targets"]), local["targets"])
-  assert isinstance(batch["bad_counts"], np.ndarray)
+  assert not set(pipeline.HOST_FIELDS) & set(batch)  # host statistics never reach devices
+  assert local["group"].dtype.kind == "U"

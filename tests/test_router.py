@@ -1,13 +1,13 @@
 """Router: the pseudo-label rule, learning budgets from real routing features, end to end."""
-import os
+import json
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-import train_fixtures as tf
-from visor_jax import config_lib, model_configs, router_train, train
+from visor_jax import config_lib, model_configs
+from visor_jax.training import router_train
 from visor_jax.data import pipeline, synthetic
 from visor_jax.data.tokenizer import build_tiny_tokenizer
 from visor_jax.models.llava_onevision import LlavaOnevision
@@ -56,10 +56,10 @@ def features(tmp_path_factory):
   feats, fams = [], []
   for batch in it:
     keep = batch["sample_valid"]
-    f, _ = label_fn(params.to_pure_dict(), {k: v for k, v in batch.items()
+    f, _ = label_fn(nnx.to_pure_dict(params), {k: v for k, v in batch.items()
                                             if k not in pipeline.HOST_FIELDS}, rows)
     feats.append(np.asarray(f)[keep])
-    fams.append(batch["family"][keep])
+    fams.append(batch["group"][keep])
   return cfg, np.concatenate(feats), np.concatenate(fams)
 
 
@@ -70,7 +70,7 @@ def test_router_gives_hard_questions_more_sa_layers(features):
   m = model_configs.tiny()
   m.router.feasible = FEASIBLE
   rcfg = config_lib.model_config(m)
-  labels = np.where(fams == 1, 2, 0)
+  labels = np.where(fams == "hard", 2, 0)
   n = len(labels) * 3 // 4
   router = Router(rcfg, rngs=nnx.Rngs(0))
   acc = router_train.train_router(router, feats[:n], labels[:n], epochs=150, lr=3e-3,
@@ -79,26 +79,31 @@ def test_router_gives_hard_questions_more_sa_layers(features):
   n_sa = np.array([len(s) for s in FEASIBLE])
   chosen = n_sa[np.asarray(choose(router(feats[n:]), 0.5))]
   held_fams = fams[n:]
-  assert chosen[held_fams == 1].mean() > chosen[held_fams == 0].mean() + 1.0
+  assert chosen[held_fams == "hard"].mean() > chosen[held_fams == "easy"].mean() + 1.0
 
 
 @pytest.mark.slow
-def test_router_training_end_to_end(tmp_path):
+def test_router_training_end_to_end(tiny_run, tmp_path):
   """Universal run → pseudo-labels → router → a run directory that routes."""
-  data = str(tmp_path / "synthetic")
-  universal = str(tmp_path / "universal")
-  train.main(tf.tiny_config(data, num_steps=4, ckpt_every=4), universal)
-  from visor_jax import train_config
-  c = train_config.default("tiny")
   import ml_collections
+  from visor_jax import checkpoints, runs
+  from visor_jax.training import config as train_config
+  c = train_config.default("tiny")
   c.router_train = ml_collections.ConfigDict(dict(
-      from_workdir=universal, feasible="", split="train", num_samples=24, score="likelihood",
+      from_workdir=tiny_run, feasible="", split="train", num_samples=24, score="likelihood",
       ratio=0.99, hidden=32, threshold=0.5, epochs=20, lr=1e-3, batch_size=8))
   stats = router_train.main(c, str(tmp_path / "router"))
   assert stats["samples"] == 24 and sum(stats["label_histogram"]) == 24
   majority = max(stats["label_histogram"]) / 24
   assert stats["router_train_accuracy"] >= majority - 1e-9
-  from visor_jax import checkpoints
-  saved, _ = checkpoints.read_run_config(str(tmp_path / "router"))
-  assert [list(b) for b in saved.model.router.feasible] == FEASIBLE
-  assert os.path.exists(tmp_path / "router" / "tokenizer" / "tokenizer.json")
+  assert {"mean_sa_label_easy", "mean_sa_label_hard"} <= set(stats)  # per question group
+  saved = checkpoints.read_run(str(tmp_path / "router"))
+  assert [list(b) for b in saved["model"].router.feasible] == FEASIBLE
+  routed = runs.load_run(str(tmp_path / "router"))
+  assert routed.cfg.router.enabled and routed.tokenizer.files == runs.describe_run(
+      tiny_run).tokenizer.files
+  logged = [json.loads(line) for line in open(tmp_path / "router" / "metrics.jsonl")]
+  assert logged[0]["router/samples"] == 24  # router training writes metrics too
+  with pytest.raises(ValueError, match=r"router_train.feasible.*not SA candidates"):
+    c.router_train.feasible = "[2]"
+    router_train.main(c, str(tmp_path / "bad"))

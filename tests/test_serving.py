@@ -8,6 +8,7 @@ prefill/decode programs are reused.
 """
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,11 @@ from absl import flags
 from flax import nnx
 
 import hf_fixtures
-from visor_jax import checkpoints, config_lib, eval_main, evaluate, serving
-from visor_jax import train_config
+from visor_jax import budgets, checkpoints, config_lib
+from visor_jax.evaluation import harness
+from visor_jax.evaluation import main as eval_main
+from visor_jax.inference import serving
+from visor_jax.training import config as train_config
 from visor_jax.data import synthetic
 from visor_jax.models.llava_onevision import LlavaOnevision
 
@@ -31,8 +35,8 @@ NEW = 3  # generated tokens: the tests check plumbing, not language
 def random_params(cfg, seed=0):
   """Params of the right shapes, O(1) activations: norms' scales near 1, else N(0, 1/fan_in)."""
   rng = np.random.default_rng(seed)
-  shapes = nnx.state(nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0))),
-                     nnx.Param).to_pure_dict()
+  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+      lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0))), nnx.Param))
 
   def draw(path, s):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -43,15 +47,13 @@ def random_params(cfg, seed=0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def save_workdir(workdir, config, params, tokenizer=True):
-  """What train.py leaves behind: checkpoints/<step>/{state, config} and, for a synthetic
-  run, tokenizer/."""
+def save_workdir(workdir, config, params, model=None, tokenizer=None):
+  """What train.py leaves behind: checkpoints/<step>/{state, config, model, tokenizer}."""
   ckpt = checkpoints.Checkpointer(str(workdir), save_every=1, keep=1, async_save=False)
   state = {"params": jax.tree.map(jnp.asarray, params), "opt_state": {}, "step": jnp.array(1)}
-  ckpt.save(1, state, None, config, force=True)
+  tokenizer = tokenizer or hf_fixtures.tiny_tokenizer()
+  ckpt.save(1, state, None, config, model or config.model, tokenizer.files, force=True)
   ckpt.close()
-  if tokenizer:
-    hf_fixtures.tiny_tokenizer().save(os.path.join(str(workdir), "tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ QUESTIONS = ["What colour is the small square?", "What is the 4-digit code?"]
 
 def test_loaded_params_equal_saved(run):
   a = run["assistant"]
-  loaded = nnx.state(a.model, nnx.Param).to_pure_dict()
+  loaded = nnx.to_pure_dict(nnx.state(a.model, nnx.Param))
   flat_l = jax.tree_util.tree_leaves_with_path(loaded)
   flat_s = dict(jax.tree_util.tree_leaves_with_path(run["params"]))
   assert len(flat_l) == len(flat_s)
@@ -94,6 +96,7 @@ def test_loaded_params_equal_saved(run):
     np.testing.assert_array_equal(np.asarray(value), flat_s[path])
   assert a.has_router and [list(b) for b in a.cfg.router.feasible] == FEASIBLE
   assert a.run_config.data.synthetic_min_side == SYNTH["min_side"]
+  assert a.run.kind == "orbax" and a.run.step == 1 and a.run.workdir == run["workdir"]
 
 
 def test_prompt_is_the_training_chatml(run):
@@ -143,8 +146,10 @@ def test_cli_flags(run, monkeypatch):
       "--sa_layers=1,4", f"--max_new_tokens={NEW}"])
   report = serving.cli(fv)
   assert "budget: SA{1,4} (fixed" in report and "prefill FLOPs" in report
-  assert serving.parse_layers("[]") == [] and serving.parse_layers("all") == "all"
-  assert serving.parse_layers(None) is None and serving.parse_layers("[1, 4]") == [1, 4]
+  fv(["serving", f"--model={run['workdir']}", f"--image={path}", "--question=What?",
+      "--sa_layers=3"])
+  with pytest.raises(ValueError, match=r"sa_layers: layer\(s\) \[3\].*CA layers"):
+    serving.cli(fv)  # a CA layer is not an SA candidate: refused before anything compiles
 
 
 @pytest.mark.slow  # ~20 s: torch model + the eager nnx init inside hf_import.load_hf_model
@@ -160,14 +165,16 @@ def test_load_transformers_dir(tmp_path):
   assert x.sa_layers == list(a.cfg.visor.sa_candidates)  # no router: the maximal budget
   assert a.budget_rows("all", None, 1).all()  # every layer: the original LLaVA-OV
 
-  # A run initialised from that directory saved its *experiment* config, whose model geometry
-  # ('small' here) is not the checkpoint's: the geometry must come from init_from's config.json.
+  # A run initialised from that directory: its *experiment* config says 'small', but the
+  # checkpoint holds the resolved model and the tokenizer, so it loads with the directory gone.
   config = train_config.default("small")
   config.init_from = directory
-  params = nnx.state(a.model, nnx.Param).to_pure_dict()
-  save_workdir(tmp_path / "run", config, params, tokenizer=False)
+  params = nnx.to_pure_dict(nnx.state(a.model, nnx.Param))
+  save_workdir(tmp_path / "run", config, params, model=a.run.model, tokenizer=a.tokenizer)
+  shutil.rmtree(directory)
   b = serving.load(str(tmp_path / "run"))
   assert b.cfg.text == a.cfg.text and b.tokenizer.vocab_size == a.tokenizer.vocab_size
+  assert b.tokenizer.files == a.tokenizer.files  # every tokenizer file travelled
   np.testing.assert_array_equal(np.asarray(b.model.embed[...]), np.asarray(a.model.embed[...]))
 
 
@@ -187,6 +194,7 @@ def test_eval_pareto_on_synthetic(run, tmp_path):
   assert all(s["sa_layers"] in FEASIBLE for s in result["samples"])
   table = "\n".join(lines)
   assert "easy" in table and "hard" in table and "router budgets:" in table
+  assert set(summary["runs"][0]["per_group"]) == {"easy", "hard"}  # the items' families
 
 
 def test_eval_questions_with_bad_lines(run, tmp_path):
@@ -212,7 +220,7 @@ def test_eval_search_writes_feasible(run, tmp_path):
   out = tmp_path / "search"
   eval_main.run(run["assistant"], str(out), mode="search", batch_size=2,
                 max_new_tokens=NEW, print_fn=lambda *_: None)
-  feasible = evaluate.read_feasible(out / "feasible.json")
+  feasible = budgets.read_feasible(out / "feasible.json")
   cands = set(run["assistant"].cfg.visor.sa_candidates)
   assert feasible and all(set(b) <= cands for b in feasible)
   table = json.loads((out / "feasible.json").read_text())["table"]
@@ -232,7 +240,7 @@ def test_eval_flags_map_to_run_kwargs(run):
   kw = eval_main.kwargs_from_flags(fv)
   assert kw["mode"] == "search" and kw["exhaustive_sizes"] == (0, 1)
   assert kw["synthetic_overrides"]["sizes"] == SYNTH["sizes"]
-  assert eval_main.fixed_budgets(run["assistant"], kw["budgets"]) == [[], [4]]
-  assert eval_main.fixed_budgets(run["assistant"], None) == FEASIBLE
+  assert eval_main.fixed_budgets(run["assistant"].run, kw["budgets"]) == [[], [4]]
+  assert eval_main.fixed_budgets(run["assistant"].run, None) == FEASIBLE
   # The synthetic parameters default to the run's own.
-  assert eval_main.synthetic_params(run["assistant"]) == SYNTH
+  assert eval_main.synthetic_params(run["assistant"].run) == SYNTH

@@ -1,5 +1,7 @@
 """The trainer end to end: resume exactness, preemption, sharding, budgets, freezing, NaN."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,44 +14,37 @@ import pytest
 from flax import nnx, traverse_util
 
 import train_fixtures as tf
-from visor_jax import config_lib, model_configs, optim, steps, train, train_config
-from visor_jax.data import synthetic
+from visor_jax import checkpoints, config_lib, model_configs, runs
+from visor_jax.evaluation import main as eval_main
+from visor_jax.training import config as train_config
+from visor_jax.training import optim, steps, train
 from visor_jax.models.llava_onevision import LlavaOnevision
-
-
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("synthetic"))
-  synthetic.build(d, seed=0, sizes=tf.SYNTHETIC["synthetic_sizes"],
-                  min_side=tf.SYNTHETIC["synthetic_min_side"],
-                  max_side=tf.SYNTHETIC["synthetic_max_side"])
-  return d
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _final_params(workdir, step):
   mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                              item_names=("state", "data", "config"),
+                              item_names=checkpoints.ITEMS,
                               options=ocp.CheckpointManagerOptions(read_only=True))
   state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   return traverse_util.flatten_dict(state["params"], sep=".")
 
 
+def _eval_summary(workdir):
+  with open(os.path.join(workdir, "eval", "summary.json")) as f:
+    return json.load(f)
+
+
 @pytest.mark.slow
-def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, synthetic_dir, cache_dir):
+def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, synthetic_dir):
   extra = ("--config.num_steps=8", "--config.ckpt_every=4", "--config.log_every=1",
-           f"--config.data.synthetic_dir={synthetic_dir}")
+           f"--config.data.synthetic_dir={synthetic_dir}", *tf.NO_EVAL_FLAGS)
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-  out = tf.run_main(full, cache_dir, *extra)
+  out = tf.run_main(full, *extra)
   assert out.returncode == 0, out.stderr[-3000:]
 
   proc = subprocess.Popen(tf.main_command(killed, "configs/universal.py:model=tiny,batch=4",
                                           *extra),
-                          cwd=tf.ROOT, env=tf.env(cache_dir), stdout=subprocess.DEVNULL,
+                          cwd=tf.ROOT, env=tf.env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):
@@ -57,7 +52,7 @@ def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, synthetic_dir, ca
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  out = tf.run_main(killed, cache_dir, *extra)  # resumes from its own step-4 checkpoint
+  out = tf.run_main(killed, *extra)  # resumes from its own step-4 checkpoint
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from own checkpoint at step 4" in out.stderr
 
@@ -71,13 +66,13 @@ def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, synthetic_dir, ca
 
 
 @pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, synthetic_dir, cache_dir):
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, synthetic_dir):
   workdir = str(tmp_path / "run")
   proc = subprocess.Popen(
       tf.main_command(workdir, "configs/universal.py:model=tiny,batch=4",
                       "--config.num_steps=500", "--config.ckpt_every=1000",
-                      f"--config.data.synthetic_dir={synthetic_dir}"),
-      cwd=tf.ROOT, env=tf.env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      f"--config.data.synthetic_dir={synthetic_dir}", *tf.NO_EVAL_FLAGS),
+      cwd=tf.ROOT, env=tf.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
   metrics_file = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
@@ -93,13 +88,14 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, synthetic_dir, 
   assert steps_saved[-1] >= 3 and steps_saved[-1] < 500
 
 
+@pytest.mark.slow
 def test_sharded_mesh_matches_one_device_and_budgets_never_recompile(tmp_path, synthetic_dir):
   """Same steps on a (2, 2, 2) data/fsdp/tensor mesh of 8 CPU devices and on one device."""
   assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
   runs = {}
   for name, mesh in (("one", dict(data=1, fsdp=1, tensor=1, num_devices=1)),
                      ("mesh", dict(data=2, fsdp=2, tensor=2, num_devices=0))):
-    c = tf.tiny_config(synthetic_dir, mesh=mesh, num_steps=5, ckpt_every=100)
+    c = tf.tiny_config(synthetic_dir, mesh=mesh, num_steps=5, ckpt_every=100, **tf.NO_EVAL)
     result = train.main(c, str(tmp_path / name))
     runs[name] = (result, tf.step_losses(str(tmp_path / name)), tf.read_metrics(
         str(tmp_path / name)))
@@ -133,7 +129,7 @@ def _tiny_batch(cfg, b=2, t=16, n=8, p=2, seed=0):
 def _step_setup(groups):
   cfg = config_lib.model_config(model_configs.tiny())
   graphdef, params = nnx.split(LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   o = train_config.default("tiny").optim
   o.param_groups = groups
   labels = optim.param_labels(params, groups)
@@ -189,7 +185,7 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 @pytest.mark.slow
 def test_nan_stops_the_run_naming_the_step_and_no_nan_checkpoint(tmp_path, synthetic_dir):
-  c = tf.tiny_config(synthetic_dir, num_steps=30, ckpt_every=1)
+  c = tf.tiny_config(synthetic_dir, num_steps=30, ckpt_every=1, **tf.NO_EVAL)
   c.optim.update(lr=1e12, warmup_steps=0, clip_norm=1e30)
   with pytest.raises(FloatingPointError, match=r"at step \d+"):
     train.main(c, str(tmp_path))
@@ -199,29 +195,32 @@ def test_nan_stops_the_run_naming_the_step_and_no_nan_checkpoint(tmp_path, synth
     assert np.all(np.isfinite(v))
 
 
-def test_restore_onto_a_different_mesh_continues_the_run(tmp_path, synthetic_dir):
+@pytest.mark.slow
+def test_restore_onto_a_different_mesh_continues_the_run(tmp_path, synthetic_dir, tiny_run):
   workdir = str(tmp_path / "run")
-  c = tf.tiny_config(synthetic_dir, num_steps=3, ckpt_every=3)
-  first = train.main(c, workdir)
-  c = tf.tiny_config(synthetic_dir, num_steps=4, ckpt_every=100,
-                     mesh=dict(data=1, fsdp=2, tensor=4, num_devices=0))
-  second = train.main(c, workdir)  # resumes step 3 from a one-device checkpoint on 8 devices
-  assert int(second.state["step"]) == 4
+  shutil.copytree(tiny_run, workdir)  # one device, 4 steps, a checkpoint at step 4
+  c = tf.tiny_config(synthetic_dir, num_steps=5, ckpt_every=100,
+                     mesh=dict(data=1, fsdp=2, tensor=4, num_devices=0), **tf.NO_EVAL)
+  second = train.main(c, workdir)  # resumes step 4 from a one-device checkpoint on 8 devices
+  assert int(second.state["step"]) == 5
   kernel = second.state["params"]["decoder"]["layers"]["attn"]["q_proj"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-  assert sorted(tf.step_losses(workdir)) == [1, 2, 3, 4]
-  del first
+  assert sorted(tf.step_losses(workdir)) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_init_from_transformers_dir_and_from_another_run(tmp_path, synthetic_dir):
   """Restore order below the run's own checkpoint: init_from an HF directory (stage 1: the
-  LLaVA-OV weights stay bit-identical, CA starts as copies), then init_from that run."""
+  LLaVA-OV weights stay bit-identical, CA starts as copies), then init_from that run, on a
+  machine where the HF directory no longer exists (the checkpoint describes itself)."""
   import hf_fixtures
-  hf_dir = hf_fixtures.save_hf_dir(hf_fixtures.build_hf_model(model_configs.tiny()),
-                                   tmp_path / "hf", hf_fixtures.tiny_tokenizer())
+  model = hf_fixtures.build_hf_model(model_configs.tiny())
+  model.config.text_config.rms_norm_eps = 1e-5  # a setting only config.json knows
+  hf_dir = hf_fixtures.save_hf_dir(model, tmp_path / "hf", hf_fixtures.tiny_tokenizer())
   from visor_jax.convert import hf_import
   reference, cfg = hf_import.load_hf_model(hf_dir)
-  c = tf.tiny_config(synthetic_dir, num_steps=2, init_from=hf_dir)
+  assert cfg.text.rms_norm_eps == 1e-5
+  c = tf.tiny_config(synthetic_dir, num_steps=2, init_from=hf_dir, **tf.NO_EVAL)
   c.optim.param_groups = train_config.GROUPS_STAGE1
   stage1 = train.main(c, str(tmp_path / "stage1"))
   ref = hf_import.flat_params(reference)
@@ -231,8 +230,12 @@ def test_init_from_transformers_dir_and_from_another_run(tmp_path, synthetic_dir
       np.testing.assert_array_equal(got[k], np.asarray(v), err_msg=k)
   np.testing.assert_array_equal(got["decoder.cross.attn.k_proj.kernel"][1],
                                 got["decoder.layers.attn.k_proj.kernel"][3])  # CA on layer 3
-  c2 = tf.tiny_config(synthetic_dir, num_steps=0, init_from=str(tmp_path / "stage1"))
-  c2.tokenizer = hf_dir
+  hf_files = runs.describe_run(hf_dir).tokenizer.files
+  shutil.rmtree(hf_dir)
+  loaded = runs.load_run(str(tmp_path / "stage1"))
+  assert loaded.cfg.text.rms_norm_eps == 1e-5 and loaded.tokenizer.files == hf_files
+  c2 = tf.tiny_config(synthetic_dir, num_steps=0, init_from=str(tmp_path / "stage1"),
+                      **tf.NO_EVAL)
   stage2 = train.main(c2, str(tmp_path / "stage2"))
   again = traverse_util.flatten_dict(jax.device_get(stage2.state["params"]), sep=".")
   for k in got:
@@ -240,18 +243,29 @@ def test_init_from_transformers_dir_and_from_another_run(tmp_path, synthetic_dir
 
 
 @pytest.mark.slow
-def test_default_command_trains_and_prints_the_eval_table(tmp_path, cache_dir):
-  """README's main command (the small model on synthetic data), with a shrunken step count."""
+def test_default_command_trains_and_prints_the_eval_table(tmp_path):
+  """README's main command (the small model on synthetic data), with a shrunken step count.
+  Its table is the evaluation harness's: `evaluation.main` on the saved run and the same
+  validation items prints the same accuracies."""
   cmd = [sys.executable, "-m", "visor_jax.main", "--config=configs/universal.py",
          f"--workdir={tmp_path}", "--config.num_steps=60", "--config.log_every=10",
          "--config.data.synthetic_sizes.train=64", "--config.data.synthetic_sizes.validation=16",
-         "--config.data.synthetic_sizes.test=16", "--config.eval_batches=2"]
-  out = subprocess.run(cmd, cwd=tf.ROOT, env=tf.env(cache_dir), capture_output=True, text=True,
-                       timeout=900)
+         "--config.data.synthetic_sizes.test=16", "--config.eval_batches=2",
+         "--config.eval_items=8", "--config.eval_max_new_tokens=6"]
+  out = subprocess.run(cmd, cwd=tf.ROOT, env=tf.env(fast_compile=False), capture_output=True,
+                       text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "eval (teacher-forced answer exact match" in out.stdout
+  assert "accuracy of generated answers" in out.stdout
   for label in ("CA-only", "SA{4}", "SA{1,4}"):
     assert label in out.stdout
+  logged = {k: v for r in tf.read_metrics(str(tmp_path)) for k, v in r.items()}
+  assert {"eval/CA-only/tf_exact", "eval/SA_1_4/loss", "eval/SA_4/acc"} <= set(logged)
+  summary = eval_main.run(str(tmp_path), str(tmp_path / "again"), synthetic_split="validation",
+                          limit=8, batch_size=8, max_new_tokens=6, print_fn=lambda *_: None)
+  trained = {r["label"]: r for r in _eval_summary(str(tmp_path))["runs"]}
+  for r in summary["runs"]:  # one meaning of accuracy: the same numbers, sample by sample
+    assert r["overall"]["accuracy"] == trained[r["label"]]["overall"]["accuracy"]
+    assert r["per_group"] == trained[r["label"]]["per_group"]
   losses = tf.step_losses(str(tmp_path))
   first = np.mean([losses[s] for s in range(1, 11)])
   last = np.mean([losses[s] for s in range(51, 61)])

@@ -6,6 +6,8 @@ import pytest
 from flax import nnx
 
 import hf_fixtures
+from model_fixtures import perturb_new_parts as _perturb_new_parts
+from model_fixtures import prompt_ids as _prompt_ids
 from visor_jax import budgets, config_lib, model_configs
 from visor_jax.data import inputs as inputs_lib
 from visor_jax.models.llava_onevision import LlavaOnevision
@@ -15,20 +17,6 @@ def _cfg(**visor):
   m = model_configs.tiny()
   m.visor.update(visor)
   return config_lib.model_config(m)
-
-
-def _perturb_new_parts(model, seed=1):
-  """Makes CA outputs and the positional conv non-zero (as after training)."""
-  rng = np.random.default_rng(seed)
-  o_proj = model.decoder.cross.attn.o_proj
-  o_proj.kernel[...] = jnp.asarray(rng.normal(0, 0.3, o_proj.kernel.shape), jnp.float32)
-  pc = model.decoder.pos_conv
-  pc.pointwise[...] = jnp.asarray(rng.normal(0, 0.3, pc.pointwise.shape), jnp.float32)
-
-
-def _prompt_ids(tok, text="What colour is the small square?"):
-  return (tok.encode("<|im_start|>user\n") + [tok.image_token_id]
-          + tok.encode("\n" + text + "<|im_end|>\n<|im_start|>assistant\n"))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +76,7 @@ def test_changing_budget_never_recompiles(setup):
   batch = inputs_lib.collate(samples[:2])
   rng = np.random.default_rng(0)
   budget_list = [budgets.all_sa(cfg, 2), budgets.ca_only(cfg, 2),
-                 budgets.first_candidates(cfg, 1, 2)]
+                 budgets.mask(cfg, cfg.visor.sa_candidates[:1], 2)]
   budget_list += [rng.random((2, cfg.num_layers)) < 0.5 for _ in range(5)]
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None)
@@ -103,7 +91,7 @@ def test_per_sample_budgets_equal_each_sample_alone(setup):
   model = LlavaOnevision(cfg, rngs=nnx.Rngs(5))
   _perturb_new_parts(model)
   per_sample = np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg),
-                               budgets.from_layers(cfg, [1, 5])])
+                               budgets.mask(cfg, [1, 5])])
   together = _logits(forward, model, inputs_lib.collate(samples), per_sample)
   for i, sample in enumerate(samples):
     alone = _logits(forward, model, inputs_lib.collate([sample]), per_sample[i:i + 1])
@@ -116,16 +104,22 @@ def test_per_sample_budgets_equal_each_sample_alone(setup):
 
 
 def test_static_unrolled_budget_equals_scanned(setup):
-  """The cost-analysis path (budget closed over as numpy) computes the same function."""
+  """The cost-analysis path (`unroll=True`, budget closed over) computes the same function;
+  a numpy budget alone never selects it (one compiled program for every budget)."""
   cfg, _, _, forward, samples = setup
   model = LlavaOnevision(cfg, rngs=nnx.Rngs(6))
   _perturb_new_parts(model)
   batch = inputs_lib.collate(samples[:2])
-  budget = np.concatenate([budgets.from_layers(cfg, [1]), budgets.ca_only(cfg)])
+  budget = np.concatenate([budgets.mask(cfg, [1]), budgets.ca_only(cfg)])
   graphdef, state = nnx.split(model)
-  static = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, budget))
+  static = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, budget, unroll=True))
+  closed = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, budget))
   np.testing.assert_allclose(np.asarray(static(state, batch)),
                              _logits(forward, model, batch, budget), atol=1e-5, rtol=0)
+  loops = lambda f: f.lower(state, batch).as_text().count("stablehlo.while")
+  assert loops(closed) == loops(static) + 1  # the LLM layers: scanned vs unrolled
+  with pytest.raises(ValueError, match="concrete budget"):
+    jax.jit(lambda st, x, b: nnx.merge(graphdef, st)(x, b, unroll=True))(state, batch, budget)
 
 
 def test_bf16_compute_with_f32_params_tracks_f32(setup):
@@ -138,7 +132,7 @@ def test_bf16_compute_with_f32_params_tracks_f32(setup):
   nnx.update(model16, nnx.state(model, nnx.Param))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model16, nnx.Param)))
   batch = inputs_lib.collate(samples[:2])
-  budget = budgets.from_layers(cfg, [1], 2)
+  budget = budgets.mask(cfg, [1], 2)
   ref = _logits(forward, model, batch, budget)
   graphdef16 = nnx.graphdef(model16)
   out = np.asarray(jax.jit(lambda st, x, b: nnx.merge(graphdef16, st)(x, b))(

@@ -1,12 +1,19 @@
-"""Orbax checkpoints of a training run: train state, data iterator, config.
+"""Orbax checkpoints of a training run: self-describing, so a run loads anywhere.
 
-Layout: <workdir>/checkpoints/<step>/{state, data, config}. `state` holds params, optimizer
-state and step (sharded arrays, restored onto whatever mesh the restoring run uses); `data` is
-the grain iterator state (one JSON file per process), so a resumed run sees exactly the batches
-an uninterrupted one would; `config` is the run's config as JSON, for provenance.
+Layout: <workdir>/checkpoints/<step>/{state, data, config, model, tokenizer}.
+  state      params, optimizer state and step (sharded arrays, restored onto whatever mesh
+             the restoring run uses)
+  data       the grain iterator state (one JSON file per process): a resumed run sees exactly
+             the batches an uninterrupted one would
+  config     the experiment config (JSON)
+  model      the *resolved* model geometry the params were built for (a `config.model` dict,
+             after `init_from`'s config.json and the experiment's settings were merged)
+  tokenizer  the tokenizer's files ({name: text}: tokenizer.json, and tokenizer_config.json
+             etc. when the run started from a transformers directory)
 
-Restore order used by `train.py`: this run's latest checkpoint → `config.init_from` (a
-transformers directory or another run's Orbax checkpoint) → scratch.
+So nothing outside the checkpoint is needed to load it: `runs.load_run` reads these items.
+Restore order used by `training/train.py`: this run's latest checkpoint → `config.init_from`
+(any run `runs.load_run` reads) → scratch.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import grain
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+ITEMS = ("state", "data", "config", "model", "tokenizer")
 
 
 class Checkpointer:
@@ -29,16 +37,21 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True),
-        item_names=("state", "data", "config"))
+        item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iter: Any, config: Any, *,
-           force: bool = False) -> bool:
-    """Saves if `step` is on the save interval (or `force`); returns whether it saved."""
+  def save(self, step: int, state: Any, data_iter: Any, config: Any, model: Any,
+           tokenizer_files: dict[str, str], *, force: bool = False) -> bool:
+    """Saves if `step` is on the save interval (or `force`); returns whether it saved.
+    `model`: the resolved model ConfigDict; `tokenizer_files`: `Tokenizer.files`."""
+    as_json = lambda c: json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") \
+        else c
     args = dict(state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+                config=ocp.args.JsonSave(as_json(config)),
+                model=ocp.args.JsonSave(as_json(model)),
+                tokenizer=ocp.args.JsonSave(dict(tokenizer_files)))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -75,34 +88,46 @@ def checkpoint_dir(path: str) -> tuple[str, int | None]:
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
+  return ocp.CheckpointManager(directory, item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True))
 
 
-def read_run_config(path: str, step: int | None = None):
-  """(the experiment config a run saved with its checkpoint, that step): the latest step, the
-  step of a step dir, or `step`."""
-  import ml_collections
+def _step(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+  """(a reader of the run's checkpoints, the step: `step`, a step dir's, else the latest)."""
   directory, dir_step = checkpoint_dir(path)
   manager = _reader(directory)
-  steps = list(manager.all_steps())
+  steps = sorted(manager.all_steps())
   step = step if step is not None else dir_step if dir_step is not None else (
-      max(steps) if steps else None)
+      steps[-1] if steps else None)
   if step is None or step not in steps:
-    raise FileNotFoundError(f"{path}: no Orbax checkpoint{'' if step is None else f' of step {step}'}"
-                            f" (have {sorted(steps)}).")
-  raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  return ml_collections.ConfigDict(raw), step
+    raise FileNotFoundError(f"{path}: no Orbax checkpoint"
+                            f"{'' if step is None else f' of step {step}'} (have {steps}).")
+  return manager, step
 
 
-def restore_params_from(path: str, abstract_params: Any) -> Any:
-  """Params of another run's Orbax checkpoint (its latest step, or `path` = a step dir)."""
-  directory, step = checkpoint_dir(path)
-  manager = _reader(directory)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"init_from={path}: no Orbax checkpoint found.")
-  # Only the params subtree: another run's optimizer state is not wanted.
+def read_run(path: str, step: int | None = None) -> dict:
+  """A run's description without its arrays: {'config', 'model' (ConfigDicts), 'tokenizer'
+  ({file name: text}), 'step'} of `step`, a step dir's step, or the latest."""
+  import ml_collections
+  manager, step = _step(path, step)
+  names = ("config", "model", "tokenizer")
+  on_disk = set(os.listdir(os.path.join(str(manager.directory), str(step))))
+  missing = [n for n in names if n not in on_disk]
+  if missing:
+    raise ValueError(f"{path} step {step}: the checkpoint has no {missing} item(s); it was "
+                     "written before runs were self-describing (it cannot be loaded on its "
+                     "own).")
+  raw = manager.restore(step, args=ocp.args.Composite(
+      **{n: ocp.args.JsonRestore() for n in names}))
+  return dict(config=ml_collections.ConfigDict(raw["config"]),
+              model=ml_collections.ConfigDict(raw["model"]), tokenizer=dict(raw["tokenizer"]),
+              step=step)
+
+
+def restore_params(path: str, abstract_params: Any, step: int | None = None) -> Any:
+  """Params of a run's checkpoint (`step`, a step dir's, or the latest), placed as the
+  ShapeDtypeStructs of `abstract_params` say. Only the params subtree is read."""
+  manager, step = _step(path, step)
   item = {"params": abstract_params}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),

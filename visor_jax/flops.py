@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import numpy as np
 
 from visor_jax import budgets
 from visor_jax.config_lib import ModelConfig, TextConfig, VisionConfig
@@ -164,11 +163,6 @@ def llava_ov_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int,
                        num_text=num_text, sa_layers=range(cfg.num_layers))
 
 
-def budget_sa_layers(budget_row: np.ndarray) -> list[int]:
-  """bool[L] budget row → the SA layer indices."""
-  return [int(i) for i in np.flatnonzero(np.asarray(budget_row))]
-
-
 # ---------------------------------------------------------------------------------------------
 # XLA cross-check.
 
@@ -181,8 +175,9 @@ def xla_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_
 
   XLA's HloCostAnalysis counts a while loop's body ONCE (checked on jax 0.10.2: a 6-step
   `lax.scan` of a matmul reports one matmul's FLOPs). Hence:
-    * the budget is a numpy array closed over, not a jit argument: `VisorDecoder.run_layers`
-      then unrolls the LLM layers in Python and drops the off paths (one program per budget);
+    * the forward runs with `unroll=True` and the budget closed over as a constant:
+      `VisorDecoder.run_layers` unrolls the LLM layers in Python and drops the off paths (one
+      program per budget);
     * the SigLIP tower is a `lax.scan` we cannot unroll from here, so this function requires a
       depth-1 tower (the per-layer formula is the same at any depth).
   Counted by XLA but not by `forward_flops`: elementwise ops (norms, softmax, masks, RoPE,
@@ -199,9 +194,9 @@ def xla_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_
                      "vision.num_layers=1 (or feature_layer=1).")
   model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  budget = budgets.from_layers(cfg, sa_layers, batch=1)  # numpy: closed over, static
+  budget = budgets.mask(cfg, sa_layers, batch=1)  # a constant of the program, not an argument
   inputs = abstract_inputs(cfg, 1, num_text, num_crops, num_visual)
-  forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, budget))
+  forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, budget, unroll=True))
   cost = forward.lower(state, inputs).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
@@ -212,7 +207,7 @@ def xla_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_
 
 def saving_table(cfg: ModelConfig, image_hw: tuple[int, int], num_text: int,
                  sa_counts: Sequence[int] = TABLE_SA_COUNTS) -> list[dict]:
-  """Rows: LLaVA-OV (every layer SA), then VISOR with k SA layers (`spread_candidates`).
+  """Rows: LLaVA-OV (every layer SA), then VISOR with k SA layers (`budgets.spread_layers`).
 
   k larger than the number of candidates is skipped.
   """
@@ -224,7 +219,7 @@ def saving_table(cfg: ModelConfig, image_hw: tuple[int, int], num_text: int,
   for k in sa_counts:
     if k > len(cfg.visor.sa_candidates):
       continue
-    layers = budget_sa_layers(budgets.spread_candidates(cfg, k)[0])
+    layers = budgets.spread_layers(cfg.visor.sa_candidates, k)
     rows.append(dict(name=f"VISOR {k} SA", layers=layers,
                      flops=forward_flops(cfg, sa_layers=layers, **shape)))
   for row in rows:
@@ -253,7 +248,7 @@ def format_table(cfg: ModelConfig, image_hw: tuple[int, int], num_text: int) -> 
       f"Vision tower + projector: {vision / scale:.3f} {unit}FLOPs, "
       f"{vision / base['total']:.0%} of LLaVA-OV's prefill. "
       "LLM = text-only + SA + CA layers + positional conv + lm head over the text tokens.",
-      "VISOR rows: k SA layers spread over the candidates (budgets.spread_candidates); "
+      "VISOR rows: k SA layers spread over the candidates (budgets.spread_layers); "
       f"candidates {list(cfg.visor.sa_candidates)}, CA layers {list(cfg.visor.ca_layers)}.",
       "",
       f"{'budget':<22} {'SA layers':<26} {'LLM ' + unit + 'FLOPs':>11} "

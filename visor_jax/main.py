@@ -1,8 +1,9 @@
 """Entry point: `python -m visor_jax.main --config=configs/universal.py --workdir=DIR`.
 
-The config file decides what runs (training, or router training for configs/router.py) (its `get_config(arg)` takes `:key=value` variants); with no
-arguments the default config trains a small VISOR model on the embedded synthetic data on CPU
-and prints an eval table.
+The config file decides what runs: training (`training/train.py`), or router training
+(`training/router_train.py`) for configs/router.py. Its `get_config(arg)` takes `:key=value`
+variants. With no arguments the default config trains a small VISOR model on the embedded
+synthetic data on CPU and prints the evaluation table.
 """
 import logging
 
@@ -19,11 +20,12 @@ def main(argv):
   logging.getLogger().setLevel(logging.WARNING)   # libraries: warnings only
   logging.getLogger("visor_jax").setLevel(logging.INFO)
   config = flags.FLAGS.config
+  # Imported after flag parsing: grain workers re-import these modules.
   if "router_train" in config:  # configs/router.py
-    from visor_jax import router_train
+    from visor_jax.training import router_train
     router_train.main(config, flags.FLAGS.workdir)
   else:
-    from visor_jax import train  # after flag parsing: grain workers re-import this module
+    from visor_jax.training import train
     train.main(config, flags.FLAGS.workdir)
 
 

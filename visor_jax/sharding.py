@@ -89,7 +89,7 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules) -> dict:
   """NamedShardings for every parameter (as a pure nested dict, like the params themselves),
   from the logical axes each Param carries. `model` may be abstract (`nnx.eval_shape`)."""
   flat = {}
-  for path, var in nnx.state(model, nnx.Param).flat_state():
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
     flat[path] = NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules))
   return traverse_util.unflatten_dict(flat)
@@ -98,6 +98,15 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules) -> dict:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) dimension split over data × fsdp, the rest replicated."""
   return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh,
+              host_fields: Sequence[str] = ()) -> dict[str, jax.Array]:
+  """This host's batch → global arrays, batch axis split over (data, fsdp). `host_fields`
+  (e.g. `pipeline.HOST_FIELDS`: per-host statistics and labels, not model inputs) are
+  dropped."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
+          for k, v in local_batch.items() if k not in host_fields}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -47,7 +47,7 @@ flags.DEFINE_integer("layers", 6, "LLM layers (0.5B has 24).")
 flags.DEFINE_integer("vision_layers", 4, "SigLIP layers (0.5B has 26).")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
 flags.DEFINE_list("sa_counts", ["0", "2", "4"], "VISOR budgets: numbers of SA layers "
-                  "(budgets.spread_candidates), besides the full all-SA budget.")
+                  "(budgets.spread_layers), besides the full all-SA budget.")
 flags.DEFINE_bool("skip_torch", False, "Skip the transformers (PyTorch) reference timings.")
 flags.DEFINE_bool("skip_bf16", False, "Skip the bfloat16 timings.")
 
@@ -224,8 +224,8 @@ def budget_rows(cfg: ModelConfig, sa_counts: Sequence[int]) -> list[dict]:
   """The full budget (every layer SA: LLaVA-OV) and k SA layers spread over the candidates."""
   rows = [dict(name=f"full (all {cfg.num_layers} SA)", budget=budgets.all_sa(cfg))]
   for k in sa_counts:
-    budget = budgets.spread_candidates(cfg, k)
-    rows.append(dict(name=f"{k} SA {budgets.describe(budget[0])}", budget=budget))
+    budget = budgets.mask(cfg, budgets.spread_layers(cfg.visor.sa_candidates, k))
+    rows.append(dict(name=f"{k} SA {budgets.label(budgets.layers_of(budget[0]))}", budget=budget))
   return rows
 
 
@@ -245,7 +245,7 @@ def main(argv: Sequence[str]) -> None:
   shape = dict(num_crops=crops, num_visual=n_vis, num_text=n_text)
   for row in rows:
     row["flops"] = flops.forward_flops(
-        cfg, sa_layers=flops.budget_sa_layers(row["budget"][0]), **shape)
+        cfg, sa_layers=budgets.layers_of(row["budget"][0]), **shape)
   full = rows[0]["flops"]
 
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores; "

@@ -16,7 +16,7 @@ from flax import nnx
 
 from visor_jax import budgets, config_lib, flops, model_configs
 from visor_jax.data import inputs
-from visor_jax.generate import Generator, _layer_tables
+from visor_jax.inference.generate import Generator, _layer_tables
 from visor_jax.models.llava_onevision import LlavaOnevision
 
 FLAGS = flags.FLAGS
@@ -66,7 +66,7 @@ def main(_):
   n_vis, n_text, n_crops = sample.num_visual_tokens, len(sample.tokens), len(sample.pixels)
   rows = {"all SA (LLaVA-OV)": budgets.all_sa(cfg)}
   for k in (0, 2, 4):
-    rows[f"{k} SA"] = budgets.spread_candidates(cfg, k)
+    rows[f"{k} SA"] = budgets.mask(cfg, budgets.spread_layers(cfg.visor.sa_candidates, k))
   print(f"reduced LLaVA-OV 0.5B: {cfg.num_layers} LLM layers (CA {list(cfg.visor.ca_layers)}),"
         f" {cfg.vision.num_layers} SigLIP layers; {n_vis} visual + {n_text} text tokens, "
         f"{n_crops} crops; {jax.devices()[0].device_kind}, f32")

@@ -17,7 +17,10 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from visor_jax import budgets, config_lib, flops, optim, steps, train_config, train_data
+from visor_jax import budgets, config_lib, flops
+from visor_jax.data import sources
+from visor_jax.training import config as train_config
+from visor_jax.training import optim, steps
 from visor_jax.benchmarks.generate_speed import reduced_config
 from visor_jax.data import inputs, pipeline, synthetic
 from visor_jax.data.tokenizer import build_tiny_tokenizer
@@ -28,7 +31,7 @@ FLAGS = flags.FLAGS  # --layers, --vision_layers, --repeats: defined by generate
 
 def _step_fn(cfg, batch_size):
   graphdef, params = nnx.split(LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   o = train_config.default().optim
   labels = optim.param_labels(params, o.param_groups)
   tx = optim.make_optimizer(o, labels, 100)
@@ -57,7 +60,7 @@ def per_budget():
   batch = inputs.collate([sample])
   batch["targets"] = np.where(np.arange(batch["tokens"].shape[1]) > 40, batch["tokens"], -1)
   rows = {"all SA (LLaVA-OV)": budgets.all_sa(cfg)}
-  rows.update({f"{k} SA": budgets.spread_candidates(cfg, k) for k in (0, 2, 4)})
+  rows.update({f"{k} SA": budgets.mask(cfg, budgets.spread_layers(cfg.visor.sa_candidates, k)) for k in (0, 2, 4)})
   print(f"Part 1: reduced LLaVA-OV 0.5B ({cfg.num_layers} LLM, {cfg.vision.num_layers} SigLIP "
         f"layers), {sample.num_visual_tokens} visual + {len(sample.tokens)} text tokens, f32")
   times, fl = {}, {}
@@ -81,12 +84,12 @@ def pipeline_vs_step():
   sizes = dict(train=64, validation=4, test=4)
   synthetic.build(d, seed=0, sizes=sizes)
   tok = build_tiny_tokenizer(synthetic.corpus(), vocab_size=300)
-  kw = dict(train_data.data_kwargs(c, cfg), num_epochs=None)
+  kw = dict(sources.pipeline_kwargs(c.data), num_epochs=None)
   it = pipeline.make_iterator(synthetic.records("train", d, seed=0, sizes=sizes), tok, cfg, kw)
   batches_per_s = pipeline.measure_throughput(it, 20)
   batch = {k: v for k, v in next(it).items() if k not in pipeline.HOST_FIELDS}
   step, state = _step_fn(cfg, c.data.batch_size)
-  t, _ = _time(step, state, batch, budgets.from_layers(cfg, [1, 4], c.data.batch_size),
+  t, _ = _time(step, state, batch, budgets.mask(cfg, [1, 4], c.data.batch_size),
                FLAGS.repeats)
   print(f"Part 2: default CPU run (small model, batch {c.data.batch_size}, synthetic 768-1536 px)"
         f": input pipeline {batches_per_s:.1f} batches/s (1 process) vs train step "

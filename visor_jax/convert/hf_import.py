@@ -110,13 +110,13 @@ def canonical_key(key: str) -> str:
 def flat_params(model: nnx.Module) -> dict[str, object]:
   """{'decoder.layers.attn.q_proj.kernel': array, ...} of the model's parameters."""
   return {".".join(map(str, path)): v[...] if hasattr(v, "__getitem__") else v
-          for path, v in nnx.state(model, nnx.Param).flat_state()}
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def set_params(model: nnx.Module, flat: dict[str, object]) -> None:
   """Writes a flat {path: array} dict (all parameters) into the model."""
   state = nnx.state(model, nnx.Param)
-  state.replace_by_pure_dict(traverse_util.unflatten_dict(flat, sep="."))
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat, sep="."))
   nnx.update(model, state)
 
 

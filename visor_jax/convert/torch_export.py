@@ -35,9 +35,6 @@ from visor_jax.convert import safetensors_io
 
 Hook = Callable[[np.ndarray], np.ndarray]
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json",
-                   "chat_template.jinja")
 
 
 def same(w: np.ndarray) -> np.ndarray:
@@ -267,15 +264,9 @@ def preprocessor_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
-  if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-    raise FileNotFoundError(f"tokenizer={tokenizer_dir}: no tokenizer.json there.")
-  copied = []
-  for name in TOKENIZER_FILES:
-    src = os.path.join(tokenizer_dir, name)
-    if os.path.exists(src):
-      shutil.copy(src, os.path.join(out_dir, name))
-      copied.append(name)
-  return copied
+  """Copies a tokenizer directory's files (`tokenizer.TOKENIZER_FILES`); returns their names."""
+  from visor_jax.data.tokenizer import Tokenizer
+  return Tokenizer.from_dir(tokenizer_dir).save(out_dir)
 
 
 def _model_config(model: ModelConfig | ml_collections.ConfigDict | dict) -> ModelConfig:
@@ -441,7 +432,7 @@ def load_exported(directory: str, model_overrides: dict | None = None):
   cfg = config_lib.model_config(m)
   abstract = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
   shapes = {".".join(map(str, path)): tuple(v.get_raw_value().shape)
-            for path, v in nnx.state(abstract, nnx.Param).flat_state()}
+            for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   flat = read_exported_params(directory, cfg, shapes, np.dtype(jnp.dtype(cfg.param_dtype)))
   hf_import.set_params(abstract, jax.tree.map(jnp.asarray, flat))
   return abstract, cfg

@@ -38,8 +38,9 @@ from visor_jax.data.conversations import (  # noqa: F401 (re-exported: the pipel
     BAD_REASONS, BadRecord, BadSample, Example, JsonSource)
 from visor_jax.data.tokenizer import Tokenizer
 
-FAMILY_CODES = {"easy": 0, "hard": 1}   # batch['family']; -1 = unknown
-HOST_FIELDS = ("bad_counts",)           # per-host statistics, not sharded over the batch axis
+# Host-side fields of a batch, never sent to devices: per-host bad-sample counts, and each
+# row's question group (the record's `family`, '' when it has none) for per-group metrics.
+HOST_FIELDS = ("bad_counts", "group")
 log = logging.getLogger(__name__)
 
 
@@ -212,7 +213,7 @@ class _Batcher:
     batch["targets"] = np.full((b, t), conversations.IGNORE, np.int32)
     for i, ex in enumerate(examples):
       batch["targets"][i, :len(ex.targets)] = ex.targets
-    batch["family"] = column([FAMILY_CODES.get(ex.family, -1) for ex in examples], -1, np.int32)
+    batch["group"] = column([ex.family or "" for ex in examples], "", np.str_)
     batch["record_index"] = column(record_index, -1, np.int32)
     batch["sample_valid"] = column([True] * len(examples), False, bool)
     batch["truncated"] = column([ex.truncated for ex in examples], False, bool)
@@ -374,16 +375,6 @@ def make_dataset(source: Sequence[Any], tokenizer: Tokenizer, model_cfg: ModelCo
 def make_iterator(*args, **kwargs) -> grain.DatasetIterator:
   """`iter(make_dataset(...))`: has get_state / set_state / totals()."""
   return iter(make_dataset(*args, **kwargs))
-
-
-def make_global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
-  """This host's batch → global `jax.Array`s (batch axis sharded by `sharding`).
-
-  `HOST_FIELDS` (the bad-sample counts) stay host-local numpy: they are statistics, not data.
-  """
-  import jax
-  return {k: v if k in HOST_FIELDS else jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local_batch.items()}
 
 
 def measure_throughput(iterator: Iterator[Any], n_batches: int) -> float:

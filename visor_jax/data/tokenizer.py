@@ -15,11 +15,19 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 IMAGE_TOKEN = "<image>"
 IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = (IMAGE_TOKEN, EOS, IM_START, IM_END)
+# The files of a transformers tokenizer directory that travel with it (into checkpoints and
+# exports): `tokenizer.json` is what we read; the rest is what transformers' processors read.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.json",
+                   "chat_template.jinja")
 
 
 class Tokenizer:
-  def __init__(self, tok: tokenizers.Tokenizer):
+  def __init__(self, tok: tokenizers.Tokenizer, files: dict[str, str] | None = None):
     self.tok = tok
+    # {file name: text}: the directory this tokenizer came from, written back by `save`.
+    self.files = dict(files or {})
+    self.files.setdefault("tokenizer.json", tok.to_str())
     missing = [t for t in (IMAGE_TOKEN, IM_START, IM_END) if tok.token_to_id(t) is None]
     if missing:
       raise ValueError(f"tokenizer has no {missing} token(s): not a LLaVA-OV tokenizer.")
@@ -33,7 +41,19 @@ class Tokenizer:
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"{directory}: no tokenizer.json.")
-    return cls(tokenizers.Tokenizer.from_file(path))
+    files = {}
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(directory, name)):
+        with open(os.path.join(directory, name), encoding="utf-8") as f:
+          files[name] = f.read()
+    return cls.from_files(files)
+
+  @classmethod
+  def from_files(cls, files: dict[str, str]) -> "Tokenizer":
+    """{file name: text} (what `files` holds, e.g. read back from a checkpoint)."""
+    if "tokenizer.json" not in files:
+      raise ValueError(f"tokenizer files {sorted(files)} have no tokenizer.json.")
+    return cls(tokenizers.Tokenizer.from_str(files["tokenizer.json"]), files)
 
   @property
   def vocab_size(self) -> int:
@@ -45,9 +65,13 @@ class Tokenizer:
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-  def save(self, directory: str) -> None:
+  def save(self, directory: str) -> list[str]:
+    """Writes every file of `files` (tokenizer.json at least); returns their names."""
     os.makedirs(directory, exist_ok=True)
-    self.tok.save(os.path.join(directory, "tokenizer.json"))
+    for name, text in self.files.items():
+      with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+        f.write(text)
+    return sorted(self.files)
 
 
 def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 300) -> Tokenizer:

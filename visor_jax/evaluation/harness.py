@@ -1,5 +1,6 @@
-"""Evaluation harness: items → answers → scores, FLOPs and budgets per dataset and tag; a
-Pareto plot (accuracy vs FLOPs); the feasible-budget frontier.
+"""Evaluation harness: items → answers → scores, FLOPs and budgets per question group, dataset
+and tag; a Pareto plot (accuracy vs FLOPs); the feasible-budget frontier. This is the one
+meaning of "accuracy" in the project: a generated answer scored by `evaluation/metrics.py`.
 
 WHY this shape: VISOR's claim is an accuracy/compute trade-off, measured over *fixed* budgets
 (every candidate SA set, to pick the frontier universal training samples from) and with the
@@ -8,13 +9,17 @@ WHY this shape: VISOR's claim is an accuracy/compute trade-off, measured over *f
 budgets, the router or a test fake drive the same code. LLM and total FLOPs are reported side
 by side (the vision tower dominates at 0.5B). Pieces: loading (`load_questions`,
 `synthetic_items`), scoring (`run_eval`), `aggregate`, `plot_pareto`, the frontier
-(`candidate_subsets`, `pareto_frontier`, `write_feasible`, `read_feasible`), `run_suite`.
+(`candidate_subsets`, `pareto_frontier`, `write_feasible`; the file format is
+`budgets.write_feasible` / `budgets.read_feasible`), `run_suite`.
 
 Question files are JSONL, one object per line::
 
   {"image": "rel/or/abs.png", "question": "...", "answers": ["..", ..] | "answer": "..",
    "metric": "vqa_accuracy" | "anls" | "relaxed_accuracy" | "exact_match" | "multiple_choice",
    "dataset": "..." (default: file name stem), "tags": ["easy"], "choices": [..], "id": ..}
+
+An item's question group (a column of the tables) is its first tag, else its dataset; for the
+synthetic dataset that is the record's family. Nothing here knows a dataset's group names.
 
 Bad input never stops an evaluation: a line that is not JSON (`invalid_json`), lacks a field
 (`missing_field`), has an unusable one (`bad_field`), or whose image is absent or undecodable
@@ -34,9 +39,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import eval_metrics
-from visor_jax.budgets import spread_layers as spread_subset  # the one spread rule
 from visor_jax.data.conversations import BadSample, ImageLoader
+from visor_jax.evaluation import metrics as eval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,8 @@ class BadItem(Exception):
 @dataclasses.dataclass(frozen=True)
 class Item:
   """One benchmark question. `image` is a path / encoded bytes on load, and a decoded PIL
-  image when `answer_fn` receives it."""
+  image when `answer_fn` receives it. Its first tag is its question group (a column of the
+  table, e.g. a synthetic family); items without tags are grouped by dataset."""
   id: str
   dataset: str
   question: str
@@ -66,6 +71,10 @@ class Item:
   tags: tuple[str, ...] = ()
   choices: tuple[str, ...] | None = None
   source: str = ""      # "file.jsonl:12", for messages
+
+  @property
+  def group(self) -> str:
+    return self.tags[0] if self.tags else self.dataset
 
 
 @dataclasses.dataclass
@@ -168,14 +177,6 @@ def synthetic_items(data_dir: str, split: str = "test", limit: int | None = None
 # ---------------------------------------------------------------------------------------------
 # Answering and scoring.
 
-def budget_label(sa_layers: Sequence[int]) -> str:
-  """'SA{1,4}' / 'CA-only', as `budgets.describe` prints it."""
-  layers = sorted(int(i) for i in sa_layers)
-  row = np.zeros(max(layers, default=-1) + 1, bool)
-  row[layers] = True
-  return budgets_lib.describe(row)
-
-
 def _load_images(batch: Sequence[Item], loader: ImageLoader, skips: Skips) -> list[Item]:
   """Decodes each item's image; unreadable ones are skipped (counted) here."""
   ready = []
@@ -204,7 +205,7 @@ def _record(item: Item, answer: Sequence, flops_fn: Callable | None) -> dict:
           "prediction": str(prediction),
           "score": eval_metrics.score(item.metric, str(prediction), item.answers,
                                       choices=item.choices),
-          "sa_layers": sa_layers, "budget": budget_label(sa_layers),
+          "group": item.group, "sa_layers": sa_layers, "budget": budgets_lib.label(sa_layers),
           "llm_flops": float(llm), "total_flops": float(total)}
 
 
@@ -238,11 +239,14 @@ def summarize(records: Sequence[dict]) -> dict:
 
 
 def aggregate(records: Sequence[dict]) -> dict:
-  """Overall, per dataset and per tag summaries. `overall.dataset_mean_accuracy` is the
-  unweighted mean over datasets, the paper's "easy avg" / "hard avg" style of number."""
+  """Overall, per question group (`Item.group`), per dataset and per tag summaries.
+  `overall.dataset_mean_accuracy` is the unweighted mean over datasets, the paper's
+  "easy avg" / "hard avg" style of number."""
   by_dataset, by_tag = collections.defaultdict(list), collections.defaultdict(list)
+  by_group = collections.defaultdict(list)
   for r in records:
     by_dataset[r["dataset"]].append(r)
+    by_group[r["group"]].append(r)
     for t in dict.fromkeys(r["tags"]):
       by_tag[t].append(r)
   per_dataset = {d: {**summarize(rs), "metrics": sorted({r["metric"] for r in rs})}
@@ -251,6 +255,7 @@ def aggregate(records: Sequence[dict]) -> dict:
   overall["dataset_mean_accuracy"] = (float(np.mean([s["accuracy"] for s in per_dataset.values()]))
                                       if per_dataset else float("nan"))
   return {"overall": overall, "per_dataset": per_dataset,
+          "per_group": {g: summarize(rs) for g, rs in sorted(by_group.items())},
           "per_tag": {t: summarize(rs) for t, rs in sorted(by_tag.items())}}
 
 
@@ -270,7 +275,7 @@ def run_eval(items: Sequence[Item], answer_fn: Callable, *, label: str = "",
   records, skips = answer_and_score(items, answer_fn, batch_size=batch_size, skips=skips,
                                     flops_fn=flops_fn)
   fixed = sa_layers is not None
-  result = {"label": label or (budget_label(sa_layers) if fixed else "router"),
+  result = {"label": label or (budgets_lib.label(sa_layers) if fixed else "router"),
             "kind": "fixed" if fixed else "router",
             "sa_layers": sorted(int(i) for i in sa_layers) if fixed else None,
             "n_items": len(items) + sum(skips.counts[r] for r in SKIP_REASONS[:3]),
@@ -358,7 +363,7 @@ def candidate_subsets(sa_candidates: Sequence[int], *, exhaustive_sizes: Sequenc
   then every subset of the `exhaustive_sizes`. Above `max_count`, the spread subsets are all
   kept and the exhaustive ones thinned evenly (deterministic)."""
   cands = sorted(int(c) for c in sa_candidates)
-  spread = [spread_subset(cands, k) for k in range(len(cands) + 1)]
+  spread = [budgets_lib.spread_layers(cands, k) for k in range(len(cands) + 1)]
   seen = {tuple(s) for s in spread}
   extra = [list(c) for k in sorted(set(exhaustive_sizes)) if 0 <= k <= len(cands)
            for c in itertools.combinations(cands, k) if c not in seen]
@@ -399,25 +404,18 @@ def frontier_table(rows: Sequence[dict], *, cost_key: str = "llm_flops",
   table = [{"sa_layers": list(r["sa_layers"]), "acc": r["acc"], "llm_flops": r["llm_flops"],
             "total_flops": r["total_flops"], "on_frontier": tuple(r["sa_layers"]) in on}
            for r in sorted(rows, key=lambda r: (r[cost_key], -r["acc"]))]
-  return {"cost_key": cost_key, "feasible_budgets": [list(r["sa_layers"]) for r in front],
+  return {"cost_key": cost_key, budgets_lib.FEASIBLE_KEY: [list(r["sa_layers"]) for r in front],
           "table": table}
 
 
 def write_feasible(path: str | os.PathLike, rows: Sequence[dict], *, cost_key: str = "llm_flops",
                    min_gain: float = 0.0) -> dict:
+  """The frontier of `rows` as a feasible.json (`budgets.write_feasible`'s format, with the
+  search's table beside the budgets)."""
   table = frontier_table(rows, cost_key=cost_key, min_gain=min_gain)
-  write_json(table, path)
+  budgets_lib.write_feasible(path, table["feasible_budgets"], cost_key=cost_key,
+                             table=_finite(table["table"]))
   return table
-
-
-def read_feasible(path: str | os.PathLike) -> list[list[int]]:
-  """The feasible budgets of a `write_feasible` file (the config's `budgets` format)."""
-  with open(path, encoding="utf-8") as f:
-    data = json.load(f)
-  sets = data.get("feasible_budgets") if isinstance(data, dict) else None
-  if not isinstance(sets, list) or not sets:
-    raise ValueError(f"{os.fspath(path)}: no non-empty 'feasible_budgets' list.")
-  return [sorted(int(i) for i in s) for s in sets]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +434,7 @@ def run_suite(items: Sequence[Item], make_answer_fn: Callable, layer_sets: Seque
   for sa_layers in runs:  # one answer_fn at a time: a real one may hold device memory
     r = run_eval(items, make_answer_fn(sa_layers), sa_layers=sa_layers, skips=skips,
                  **run_kwargs)
-    write_json(r, os.path.join(out_dir, f"results_{_file_label(r['label'])}.json"))
+    write_json(r, os.path.join(out_dir, f"results_{budgets_lib.file_label(r['label'])}.json"))
     results.append(r)
     log.info("eval %s: acc %.4f, LLM %.3g FLOPs, total %.3g FLOPs (%d scored)", r["label"],
              r["overall"]["accuracy"], r["overall"]["mean_llm_flops"],
@@ -449,7 +447,3 @@ def run_suite(items: Sequence[Item], make_answer_fn: Callable, layer_sets: Seque
   write_json(summary, os.path.join(out_dir, "summary.json"))
   plot_pareto(results, os.path.join(out_dir, "pareto.png"), x=x, accuracy_key=accuracy_key)
   return summary
-
-
-def _file_label(label: str) -> str:
-  return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_") or "run"

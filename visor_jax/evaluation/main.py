@@ -1,22 +1,26 @@
 """Evaluation entry point: accuracy vs FLOPs per budget, the router, and the feasible-budget search.
 
   # Pareto mode (default): fixed budgets (+ the router) on the test split → results, pareto.png
-  python -m visor_jax.eval_main --model=/tmp/visor_universal --out=/tmp/eval --router
-  python -m visor_jax.eval_main --model=DIR --out=OUT --questions=a.jsonl,b.jsonl \
+  python -m visor_jax.evaluation.main --model=/tmp/visor_universal --out=/tmp/eval --router
+  python -m visor_jax.evaluation.main --model=DIR --out=OUT --questions=a.jsonl,b.jsonl \
       --image_root=/data/images --budgets="[];[4];[1,4]"
   # Search mode: every candidate SA subset on the validation split → feasible.json
-  python -m visor_jax.eval_main --model=DIR --out=OUT --mode=search --max_candidates=32
+  python -m visor_jax.evaluation.main --model=DIR --out=OUT --mode=search --max_candidates=32
 
-WHY a thin layer over `evaluate.py`: the harness knows nothing about models (it takes an
-`answer_fn`), and `serving.Assistant` knows nothing about benchmarks; this file only wires the
-two together, picks the items (question files and/or the synthetic split the model was trained
-on, with the generation parameters read from the run's saved config so the split is the same)
-and the budgets, and prints a table. `run()` is the whole program; `main()` only maps flags.
+"Accuracy" means one thing in this project: a *generated* answer scored by
+`evaluation/metrics.py`. The trainer's end-of-run table calls `evaluate` below on validation
+items, so it prints the numbers this entry point prints.
+
+WHY a thin layer over `harness.py`: the harness knows nothing about models (it takes an
+`answer_fn`), and `inference.serving.Assistant` knows nothing about benchmarks; this file wires
+the two together, picks the items (question files and/or the synthetic split the model was
+trained on, with the generation parameters read from the run's saved config so the split is the
+same) and the budgets, and prints a table. `run()` is the whole program; `main()` maps flags.
 
 Outputs under --out: results_<budget>.json per run (every sample with its prediction, score,
 budget and FLOPs), summary.json, feasible.json (the frontier of the fixed budgets evaluated,
-cheapest first: the format `evaluate.read_feasible`, the universal config's `budgets` and the
-router's `model.router.feasible` take), pareto.png. FLOPs are prefill FLOPs (see serving.py).
+cheapest first, in `budgets.write_feasible`'s format, which configs' `budgets` and the router's
+`model.router.feasible` take), pareto.png. FLOPs are prefill FLOPs (see serving.py).
 """
 from __future__ import annotations
 
@@ -26,8 +30,11 @@ import os
 from typing import Callable, Sequence
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import eval_metrics, evaluate
-from visor_jax import serving
+from visor_jax import runs
+from visor_jax.data import sources
+from visor_jax.evaluation import harness
+from visor_jax.evaluation import metrics as eval_metrics
+from visor_jax.inference import serving
 
 log = logging.getLogger(__name__)
 
@@ -38,87 +45,83 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 # ---------------------------------------------------------------------------------------------
 # Items.
 
-def synthetic_params(assistant: serving.Assistant | None, overrides: dict | None = None) -> dict:
+def synthetic_params(run: runs.Run | None, overrides: dict | None = None) -> dict:
   """Generation parameters of the synthetic dataset: the run's `data.synthetic_*` fields (so
   the split matches what it trained on), then explicit overrides (None = not given)."""
-  params = {}
-  d = (assistant.run_config or {}).get("data") if assistant is not None else None
-  if d is not None and d.get("source") == "synthetic":
-    params = dict(seed=d.synthetic_seed, sizes=dict(d.synthetic_sizes),
-                  min_side=d.synthetic_min_side, max_side=d.synthetic_max_side)
+  d = (run.config or {}).get("data") if run is not None else None
+  params = sources.synthetic_params(d) if d is not None and d.get("source") == "synthetic" \
+      else {}
   params.update({k: v for k, v in (overrides or {}).items() if v is not None})
   return params
 
 
-def default_synthetic_dir(assistant: serving.Assistant) -> str | None:
-  """Where a synthetic training run keeps its dataset (`data.synthetic_dir` or
-  `<workdir>/synthetic_data`), when the model is such a run."""
-  d = (assistant.run_config or {}).get("data")
+def default_synthetic_dir(run: runs.Run) -> str | None:
+  """Where a synthetic training run keeps its dataset, when the model is such a run."""
+  d = (run.config or {}).get("data")
   if d is None or d.get("source") != "synthetic":
     return None
-  return d.get("synthetic_dir") or os.path.join(assistant.source, "synthetic_data")
+  return sources.synthetic_dir(d, run.workdir)
 
 
-def gather_items(assistant: serving.Assistant, *, questions: Sequence[str] = (),
+def gather_items(run: runs.Run, *, questions: Sequence[str] = (),
                  image_root: str | None = None, synthetic_dir: str | None = None,
                  split: str = "test", limit: int | None = None,
                  synthetic_overrides: dict | None = None
-                 ) -> tuple[list[evaluate.Item], evaluate.Skips]:
+                 ) -> tuple[list[harness.Item], harness.Skips]:
   """Items from question files (bad lines skipped and counted) and/or the synthetic split.
   With neither, a synthetic training run's own dataset is used."""
-  items, skips = [], evaluate.Skips()
+  items, skips = [], harness.Skips()
   for path in questions:
-    loaded, skips = evaluate.load_questions(path, image_root, skips)
+    loaded, skips = harness.load_questions(path, image_root, skips)
     items += loaded[:limit] if limit else loaded
   if not questions and not synthetic_dir:
-    synthetic_dir = default_synthetic_dir(assistant)
+    synthetic_dir = default_synthetic_dir(run)
     if synthetic_dir is None:
       raise ValueError("nothing to evaluate: pass --questions and/or --synthetic_dir (the "
                        "model is not a synthetic-data training run).")
   if synthetic_dir:
-    items += evaluate.synthetic_items(synthetic_dir, split, limit=limit,
-                                      **synthetic_params(assistant, synthetic_overrides))
+    items += harness.synthetic_items(synthetic_dir, split, limit=limit,
+                                     **synthetic_params(run, synthetic_overrides))
   if not items:
     raise ValueError("no usable items to evaluate (see the skipped-line warnings).")
   return items, skips
 
 
+def training_items(config, workdir: str) -> tuple[list[harness.Item], harness.Skips]:
+  """The trainer's end-of-run evaluation items: the first `config.eval_items` of the
+  validation split (synthetic) or of `data.eval_questions` (JSON runs); none when
+  `eval_items` is 0 or a JSON run names no question file."""
+  d, limit = config.data, config.eval_items
+  if not limit:
+    return [], harness.Skips()
+  if d.source == "synthetic":
+    return (harness.synthetic_items(sources.synthetic_dir(d, workdir), "validation",
+                                    limit=limit, **sources.synthetic_params(d)),
+            harness.Skips())
+  if d.get("eval_questions"):
+    items, skips = harness.load_questions(d.eval_questions, d.image_root or None)
+    return items[:limit], skips
+  log.warning("no end-of-run accuracy: data.eval_questions is not set for this "
+              "source=%r run (the teacher-forced eval metrics are still written).", d.source)
+  return [], harness.Skips()
+
+
 # ---------------------------------------------------------------------------------------------
 # Budgets.
 
-def parse_sets(spec: str) -> list[list[int]]:
-  """'[];[4];[1,4]' → [[], [4], [1, 4]] (also '1,4' for a single set)."""
-  out = []
-  for part in spec.split(";"):
-    layers = serving.parse_layers(part if part.strip() else "[]")
-    if isinstance(layers, str):
-      raise ValueError(f"budgets: {part!r} is not a list of layers.")
-    out.append(layers or [])
-  return out
-
-
-def fixed_budgets(assistant: serving.Assistant, spec: str | Sequence | None
-                  ) -> list[list[int]]:
-  """The fixed budgets to evaluate: `spec` (a feasible.json path, 'sets', 'maximal',
-  'default', or a list of layer lists); None → the router's feasible set, else
-  `budgets.default_feasible`. Validated against the model."""
-  cfg = assistant.cfg
-  if spec is None:
-    spec = [list(b) for b in cfg.router.feasible] if assistant.has_router else None
-  elif isinstance(spec, str):
-    if os.path.isfile(spec):
-      spec = evaluate.read_feasible(spec)
-    elif spec.strip() == "default":
-      spec = None
-    elif spec.strip() != "maximal":
-      spec = parse_sets(spec)
-  return budgets_lib.resolve_sets(spec, cfg)
+def fixed_budgets(run: runs.Run, spec: str | Sequence | None) -> budgets_lib.LayerSets:
+  """The fixed budgets to evaluate (`budgets.resolve`: a feasible.json path, '[];[4]',
+  'maximal', 'default', a list; 'all' = LLaVA-OV is allowed); None → the router's feasible
+  set, else `budgets.default_feasible`."""
+  if spec is None and run.cfg.router.enabled:
+    spec = [list(b) for b in run.cfg.router.feasible]
+  return budgets_lib.resolve(spec, run.cfg, "--budgets", allow_all=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Answering.
 
-def prompt_of(item: evaluate.Item) -> str:
+def prompt_of(item: harness.Item) -> str:
   """The question as asked; multiple-choice items list their options (lmms-eval's LLaVA-OV
   style) so the model can answer with a letter."""
   if not item.choices:
@@ -130,14 +133,14 @@ def prompt_of(item: evaluate.Item) -> str:
 
 def answer_fn_factory(assistant: serving.Assistant, *, threshold: float | None = None,
                       max_new_tokens: int = 16, batch_size: int | None = None) -> Callable:
-  """`make_answer_fn(sa_layers)` for `evaluate.run_suite`: `evaluate.ROUTER` (None) → the
+  """`make_answer_fn(sa_layers)` for `harness.run_suite`: `harness.ROUTER` (None) → the
   router decides at `threshold`; a list → that fixed budget. Batches are padded to
   `batch_size` (one compiled shape for the last, short batch too)."""
   def make_answer_fn(sa_layers):
     def answer_fn(items):
       answers = assistant.answer([it.image for it in items], [prompt_of(it) for it in items],
                                  sa_layers=sa_layers,
-                                 threshold=threshold if sa_layers is evaluate.ROUTER else None,
+                                 threshold=threshold if sa_layers is harness.ROUTER else None,
                                  max_new_tokens=max_new_tokens, pad_to=batch_size)
       return [(a.text, a.sa_layers, a.llm_flops, a.total_flops) for a in answers]
     return answer_fn
@@ -147,38 +150,33 @@ def answer_fn_factory(assistant: serving.Assistant, *, threshold: float | None =
 # ---------------------------------------------------------------------------------------------
 # Table.
 
-def _groups(run: dict) -> list[tuple[str, dict]]:
-  """Columns: easy/hard when the items have those tags (else every tag, up to 6), then each
-  dataset when there are several."""
-  tags = run["per_tag"]
-  names = [t for t in ("easy", "hard") if t in tags] or sorted(tags)[:6]
-  cols = [(t, tags[t]) for t in names]
-  if len(run["per_dataset"]) > 1:
-    cols += sorted(run["per_dataset"].items())
-  return cols
+def _columns(runs_: Sequence[dict]) -> list[str]:
+  """The question groups (items' first tags: e.g. a synthetic family), up to 8."""
+  return sorted({g for r in runs_ for g in r["per_group"]})[:8]
 
 
-def format_table(runs: Sequence[dict]) -> str:
-  """Budget | n | accuracy overall and per group | mean LLM / total GFLOPs | mean #SA; the
-  router's budget histogram below."""
-  if not runs:
+def format_table(runs_: Sequence[dict]) -> str:
+  """Budget | n | accuracy overall and per question group | mean LLM / total GFLOPs | mean
+  #SA; the router's budget histogram below."""
+  if not runs_:
     return "(no runs)"
-  names = [name for name, _ in _groups(runs[0])]
+  names = _columns(runs_)
   fmt = lambda x: "   nan" if x is None or x != x else f"{x:6.3f}"
   head = (f"{'budget':<16} {'n':>5} {'acc':>6} " + " ".join(f"{n[:8]:>8}" for n in names)
           + f" {'LLM GFLOPs':>11} {'total GFLOPs':>13} {'#SA':>5}")
-  lines = [head, "-" * len(head)]
-  for r in runs:
-    o, by = r["overall"], dict(_groups(r))
+  lines = ["accuracy of generated answers (evaluation/metrics.py), prefill FLOPs per sample",
+           head, "-" * len(head)]
+  for r in runs_:
+    o, by = r["overall"], r["per_group"]
     accs = " ".join(f"{fmt(by[n]['accuracy']) if n in by else '   nan':>8}" for n in names)
     lines.append(f"{r['label']:<16} {o['n']:5d} {fmt(o['accuracy'])} {accs} "
                  f"{o['mean_llm_flops'] / 1e9:11.4g} {o['mean_total_flops'] / 1e9:13.4g} "
                  f"{o['mean_sa_layers']:5.2f}")
-  for r in runs:
+  for r in runs_:
     if r["kind"] == "router":
       hist = ", ".join(f"{b}: {c}" for b, c in r["overall"]["budget_histogram"].items())
       lines.append(f"router budgets: {hist}")
-  skipped = {k: v for k, v in runs[0]["skipped"].items() if v}
+  skipped = {k: v for k, v in runs_[0]["skipped"].items() if v}
   if skipped:
     lines.append(f"skipped items: {skipped}")
   return "\n".join(lines)
@@ -187,16 +185,50 @@ def format_table(runs: Sequence[dict]) -> str:
 def format_frontier(feasible: dict) -> str:
   lines = [f"{'budget':<16} {'acc':>6} {'LLM GFLOPs':>11} {'total GFLOPs':>13} frontier"]
   for row in feasible["table"]:
-    lines.append(f"{evaluate.budget_label(row['sa_layers']):<16} {row['acc']:6.3f} "
+    lines.append(f"{budgets_lib.label(row['sa_layers']):<16} {row['acc']:6.3f} "
                  f"{row['llm_flops'] / 1e9:11.4g} {row['total_flops'] / 1e9:13.4g} "
                  f"{'*' if row['on_frontier'] else ''}")
   lines.append("feasible budgets (cheapest first): "
-               + json.dumps(feasible["feasible_budgets"]))
+               + json.dumps(feasible[budgets_lib.FEASIBLE_KEY]))
   return "\n".join(lines)
+
+
+def scalars(summary: dict) -> dict[str, float]:
+  """TensorBoard / metrics.jsonl scalars of a summary: eval/<budget>/acc[_<group>], GFLOPs."""
+  out = {}
+  for r in summary.get("runs", ()):
+    key = f"eval/{budgets_lib.file_label(r['label'])}"
+    out[f"{key}/acc"] = r["overall"]["accuracy"]
+    out[f"{key}/llm_gflops"] = r["overall"]["mean_llm_flops"] / 1e9
+    for g, sub in r["per_group"].items():
+      out[f"{key}/acc_{budgets_lib.file_label(g)}"] = sub["accuracy"]
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The program.
+
+def evaluate(model: runs.Run | serving.Assistant, items: Sequence[harness.Item], out_dir: str,
+             *, layer_sets: budgets_lib.LayerSets, router: bool = False,
+             threshold: float | None = None, skips: harness.Skips | None = None,
+             batch_size: int = 8, max_new_tokens: int = 16, print_fn: Callable = print
+             ) -> dict:
+  """Each fixed budget of `layer_sets` (+ the router) on `items`; writes the results under
+  `out_dir`, prints the table, returns `harness.run_suite`'s summary."""
+  assistant = model if isinstance(model, serving.Assistant) else serving.Assistant(model)
+  use_router = router and assistant.has_router
+  if router and not assistant.has_router:
+    log.warning("--router: the model has no router (model.router.feasible is empty); "
+                "evaluating fixed budgets only.")
+  print_fn(f"evaluating {len(items)} items ({len(layer_sets)} fixed budgets"
+           f"{' + router' if use_router else ''}) from {assistant.run.path}")
+  make = answer_fn_factory(assistant, threshold=threshold, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size)
+  summary = harness.run_suite(items, make, layer_sets, out_dir, router=use_router,
+                              skips=skips, batch_size=batch_size)
+  print_fn(format_table(summary["runs"]))
+  return summary
+
 
 def run(model: str | serving.Assistant, out_dir: str, *, mode: str = "pareto",
         questions: Sequence[str] = (), image_root: str | None = None,
@@ -206,39 +238,30 @@ def run(model: str | serving.Assistant, out_dir: str, *, mode: str = "pareto",
         threshold: float | None = None, batch_size: int = 8, max_new_tokens: int = 16,
         max_candidates: int = 64, exhaustive_sizes: Sequence[int] = (0, 1, 2),
         step: int | None = None, print_fn: Callable = print) -> dict:
-  """Evaluates `model` (a path for `serving.load`, or a loaded Assistant) and writes the
-  results under `out_dir`; returns `evaluate.run_suite`'s summary.
+  """Evaluates `model` (any path `runs.load_run` reads, or a loaded Assistant) and writes the
+  results under `out_dir`; returns `harness.run_suite`'s summary.
 
   pareto: the fixed `budgets` (+ the router when `router` and the model has one) on
   `synthetic_split` (default 'test') and/or the question files.
-  search: every subset from `evaluate.candidate_subsets` (at most `max_candidates`) on
+  search: every subset from `harness.candidate_subsets` (at most `max_candidates`) on
   `synthetic_split` (default 'validation'), no router; feasible.json is the frontier.
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r} is not one of {MODES}.")
   assistant = model if isinstance(model, serving.Assistant) else serving.load(model, step=step)
   split = synthetic_split or ("validation" if mode == "search" else "test")
-  items, skips = gather_items(assistant, questions=questions, image_root=image_root,
+  items, skips = gather_items(assistant.run, questions=questions, image_root=image_root,
                               synthetic_dir=synthetic_dir, split=split, limit=limit,
                               synthetic_overrides=synthetic_overrides)
   if mode == "search":
-    layer_sets = evaluate.candidate_subsets(assistant.cfg.visor.sa_candidates,
-                                            exhaustive_sizes=exhaustive_sizes,
-                                            max_count=max_candidates)
-    use_router = False
+    layer_sets = harness.candidate_subsets(assistant.cfg.visor.sa_candidates,
+                                           exhaustive_sizes=exhaustive_sizes,
+                                           max_count=max_candidates)
   else:
-    layer_sets = fixed_budgets(assistant, budgets)
-    use_router = router and assistant.has_router
-    if router and not assistant.has_router:
-      log.warning("--router: the model has no router (model.router.feasible is empty); "
-                  "evaluating fixed budgets only.")
-  print_fn(f"evaluating {len(items)} items ({len(layer_sets)} fixed budgets"
-           f"{' + router' if use_router else ''}) from {assistant.source}")
-  make = answer_fn_factory(assistant, threshold=threshold, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
-  summary = evaluate.run_suite(items, make, layer_sets, out_dir, router=use_router,
-                               skips=skips, batch_size=batch_size)
-  print_fn(format_table(summary["runs"]))
+    layer_sets = fixed_budgets(assistant.run, budgets)
+  summary = evaluate(assistant, items, out_dir, layer_sets=layer_sets,
+                     router=router and mode != "search", threshold=threshold, skips=skips,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, print_fn=print_fn)
   if mode == "search" and "feasible" in summary:
     print_fn(format_frontier(summary["feasible"]))
   print_fn(f"wrote {os.path.abspath(out_dir)}/{{results_*.json, summary.json, feasible.json, "
@@ -252,7 +275,8 @@ def run(model: str | serving.Assistant, out_dir: str, *, mode: str = "pareto",
 def define_flags(fv) -> None:
   from absl import flags
   d = dict(flag_values=fv)
-  flags.DEFINE_string("model", None, "Orbax training workdir or transformers directory.", **d)
+  flags.DEFINE_string("model", None, "An Orbax run, a transformers or an exported directory.",
+                      **d)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", **d)
   flags.DEFINE_string("out", None, "Output directory.", **d)
   flags.DEFINE_enum("mode", "pareto", list(MODES), "pareto: evaluate budgets (+router); "
@@ -269,8 +293,8 @@ def define_flags(fv) -> None:
   flags.DEFINE_integer("synthetic_min_side", None, "Default: the run's value.", **d)
   flags.DEFINE_integer("synthetic_max_side", None, "Default: the run's value.", **d)
   flags.DEFINE_integer("limit", None, "At most this many items per source.", **d)
-  flags.DEFINE_string("budgets", None, "feasible.json, '[];[4];[1,4]', 'maximal' or 'default'; "
-                      "default: the router's feasible set, else budgets.default_feasible.", **d)
+  flags.DEFINE_string("budgets", None, "feasible.json, '[];[4];[1,4]', 'maximal', 'default' "
+                      "(budgets.py); default: the router's feasible set, else 'default'.", **d)
   flags.DEFINE_bool("router", False, "Also evaluate the router (if the model has one).", **d)
   flags.DEFINE_float("threshold", None, "Router cost knob (default: the model's).", **d)
   flags.DEFINE_integer("batch_size", 8, "Questions per generate call.", **d)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from visor_jax import budgets
 from visor_jax.models.llava_onevision import LlavaOnevision
 from visor_jax.models.nn import causal_mask
 from visor_jax.models.router import last_prompt_index
@@ -204,10 +205,8 @@ class Generator:
       budget, vis = self._route(self.state, inputs, threshold)
     else:
       vis = self._visual(self.state, inputs)
+    budgets.check_mask(self.cfg, budget, b)
     budget, vis = np.asarray(budget, bool), np.asarray(vis)
-    if budget.shape != (b, self.cfg.num_layers):
-      raise ValueError(f"budget: expected bool[{b}, {self.cfg.num_layers}], got "
-                       f"{budget.shape}.")
     out = Generation(np.full((b, max_new_tokens), -1, np.int32), np.zeros(b, np.int32),
                      budget, np.zeros(b, np.int64))
     key = jax.random.key(seed)

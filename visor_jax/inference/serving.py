@@ -1,19 +1,18 @@
 """Load a trained VISOR model and answer questions about images: the simple Python API + CLI.
 
-    from visor_jax import serving
-    assistant = serving.load("/tmp/visor_universal")           # Orbax workdir or HF dir
+    from visor_jax.inference import serving
+    assistant = serving.load("/tmp/visor_universal")    # any run `runs.load_run` reads
     [a] = assistant.answer([PIL.Image.open("x.png")], ["What is the 4-digit code?"])
     a.text, a.sa_layers, a.llm_flops, a.total_flops
 
-    python -m visor_jax.serving --model=/tmp/visor_universal --image=x.png \
+    python -m visor_jax.inference.serving --model=/tmp/visor_universal --image=x.png \
         --question="What is the 4-digit code?" [--sa_layers=1,4 | --threshold=0.7]
 
 WHY one module: serving must reproduce training exactly or the model answers a prompt it never
-saw. So the model geometry comes from the same function the trainer used
-(`train_data.model_and_tokenizer`), the prompt is rendered by the training code's own
-`conversations.render_chatml` with the run's system prompt, and images go through the image
-processor the training pipeline used (`inputs.processor_spec`, i.e. the model geometry, unless a
-`preprocessor_config.json` ships with the model).
+saw. So the model, tokenizer and image processor come from `runs.load_run` (for an Orbax run:
+the resolved model and tokenizer saved in its checkpoint, and the image processor the training
+pipeline used), and the prompt is rendered by the training code's own
+`conversations.render_chatml` with the run's system prompt.
 
 Budget of a request (`Assistant.answer`):
   sa_layers=[1, 4]       fixed: exactly these layers self-attend ([] = CA-only)
@@ -30,20 +29,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import config_lib, flops
-from visor_jax.data import conversations, inputs, preprocess
-from visor_jax.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
-from visor_jax.generate import Generator
-from visor_jax.models.llava_onevision import LlavaOnevision
+from visor_jax import flops, runs
+from visor_jax.data import conversations, inputs
+from visor_jax.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN
+from visor_jax.inference.generate import Generator
 
 log = logging.getLogger(__name__)
 
@@ -67,50 +62,33 @@ class Answer:
   @property
   def budget(self) -> str:
     """'SA{1,4}' / 'CA-only'."""
-    return _label(self.sa_layers)
-
-
-def _label(layers: Sequence[int]) -> str:
-  return "SA{" + ",".join(map(str, layers)) + "}" if len(layers) else "CA-only"
+    return budgets_lib.label(self.sa_layers)
 
 
 def _round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def parse_layers(text: str | None) -> list[int] | str | None:
-  """CLI spelling of `sa_layers`: '' / None → None (router or maximal); '[]' / 'none' →
-  CA-only; 'all' / 'maximal'; '1,4' or '[1,4]' → [1, 4]."""
-  if text is None or not text.strip():
-    return None
-  t = text.strip().lower()
-  if t in ("all", "maximal"):
-    return t
-  if t in ("[]", "none", "ca-only", "ca_only"):
-    return []
-  try:
-    return sorted(int(x) for x in t.strip("[]").split(",") if x.strip())
-  except ValueError:
-    raise ValueError(f"sa_layers={text!r}: expected '1,4', '[]', 'all' or 'maximal'.") from None
-
-
 class Assistant:
-  """A loaded model ready to answer: model, config, tokenizer, image spec and a `Generator`
-  (which keeps its compiled prefill/decode programs across calls)."""
+  """A loaded run ready to answer: its model, tokenizer, image processor, system prompt and a
+  `Generator` (which keeps its compiled prefill/decode programs across calls)."""
 
-  def __init__(self, model: LlavaOnevision, cfg: config_lib.ModelConfig, tokenizer: Tokenizer,
-               spec: preprocess.ImageProcessorSpec, *,
-               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-               run_config: ml_collections.ConfigDict | None = None, source: str = ""):
-    if tokenizer.image_token_id != cfg.image_token_id:
-      raise ValueError(f"tokenizer's {IMAGE_TOKEN} id {tokenizer.image_token_id} differs from "
-                       f"the model's image_token_id {cfg.image_token_id}.")
-    self.model, self.cfg, self.tokenizer, self.spec = model, cfg, tokenizer, spec
-    self.system_prompt = system_prompt
-    self.run_config = run_config   # the training run's config (None for a transformers dir)
-    self.source = source
-    self.generator = Generator(model)
-    self.stop_ids = [i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None]
+  def __init__(self, run: runs.Run):
+    if run.params is None:
+      raise ValueError(f"{run.path}: the run's weights are not loaded (use runs.load_run).")
+    if run.tokenizer.image_token_id != run.cfg.image_token_id:
+      raise ValueError(f"tokenizer's {IMAGE_TOKEN} id {run.tokenizer.image_token_id} differs "
+                       f"from the model's image_token_id {run.cfg.image_token_id}.")
+    self.run = run
+    self.model, self.cfg, self.tokenizer = run.build_model(), run.cfg, run.tokenizer
+    self.spec, self.system_prompt = run.image_spec, run.system_prompt
+    self.generator = Generator(self.model)
+    self.stop_ids = [i for i in (run.tokenizer.im_end_id, run.tokenizer.eos_id) if i is not None]
+
+  @property
+  def run_config(self) -> ml_collections.ConfigDict | None:
+    """The training run's config (None for a transformers or exported directory)."""
+    return self.run.config
 
   @property
   def has_router(self) -> bool:
@@ -139,14 +117,9 @@ class Assistant:
       raise ValueError("threshold is the router's cost knob: it needs sa_layers=None and a "
                        "model with a router" + ("." if self.has_router else
                                                 " (this model has none)."))
-    if sa_layers is None or sa_layers == "maximal":
-      return budgets_lib.from_layers(self.cfg, self.cfg.visor.sa_candidates, batch)
-    if sa_layers == "all":
-      return budgets_lib.all_sa(self.cfg, batch)
-    if isinstance(sa_layers, str):
-      raise ValueError(f"sa_layers={sa_layers!r}: expected a list of layers, 'all', "
-                       "'maximal' or None.")
-    return budgets_lib.from_layers(self.cfg, sa_layers, batch)
+    layers = budgets_lib.resolve_one(self.cfg, "maximal" if sa_layers is None else sa_layers,
+                                     "sa_layers")
+    return budgets_lib.mask(self.cfg, layers, batch)
 
   # ------------------------------------------------------------------------------ answer
 
@@ -189,7 +162,7 @@ class Assistant:
   def _answer(self, sample: inputs.Sample, tokens: np.ndarray, budget_row: np.ndarray,
               num_generated: int) -> Answer:
     ids = [int(t) for t in tokens if t >= 0 and t not in self.stop_ids]
-    layers = flops.budget_sa_layers(budget_row)
+    layers = budgets_lib.layers_of(budget_row)
     f = flops.forward_flops(self.cfg, num_crops=len(sample.pixels),
                             num_visual=sample.num_visual_tokens, num_text=len(sample.tokens),
                             sa_layers=layers)
@@ -204,77 +177,11 @@ class Assistant:
 
 def load(path: str, *, step: int | None = None, model_overrides: dict | None = None
          ) -> Assistant:
-  """An Orbax training workdir (latest or given `step`) or a transformers LLaVA-OV directory
-  → `Assistant`. `model_overrides` updates the model ConfigDict (e.g. {'dtype': 'bfloat16'},
-  {'router': {'threshold': 0.7}}); geometry changes will not match the checkpoint."""
-  path = os.fspath(path)
-  if os.path.isfile(os.path.join(path, "config.json")):
-    if step is not None:
-      raise ValueError(f"{path} is a transformers directory: it has no steps (step={step}).")
-    return _load_hf(path, model_overrides)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return _load_workdir(path, step, model_overrides)
-  raise FileNotFoundError(f"{path}: neither a training workdir (no checkpoints/) nor a "
-                          "transformers directory (no config.json).")
-
-
-def _load_hf(path: str, model_overrides: dict | None) -> Assistant:
-  from visor_jax.convert import hf_config, hf_import, torch_export
-  if hf_config.is_visor_export(path):  # trained VISOR parts and router come from visor.*
-    model, cfg = torch_export.load_exported(path, model_overrides)
-  else:
-    model, cfg = hf_import.load_hf_model(path, model_overrides)
-  return Assistant(model, cfg, Tokenizer.from_dir(path), _image_spec(cfg, path), source=path)
-
-
-def _tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where the run's tokenizer lives here: `<workdir>/tokenizer` (saved by synthetic runs),
-  else the config's tokenizer dir, else '' (the trainer's own rule: init_from or rebuild)."""
-  for d in (os.path.join(workdir, "tokenizer"), config.get("tokenizer", "")):
-    if d and d != "synthetic" and os.path.isfile(os.path.join(d, "tokenizer.json")):
-      return d
-  return ""
-
-
-def _load_workdir(workdir: str, step: int | None, model_overrides: dict | None) -> Assistant:
-  from visor_jax import checkpoints, train_data  # heavy (data pipeline): only when needed
-  config, step = checkpoints.read_run_config(workdir, step)
-  config.unlock()
-  tok_dir = _tokenizer_dir(config, workdir)
-  if tok_dir:
-    config.tokenizer = tok_dir
-  with tempfile.TemporaryDirectory() as scratch:  # a rebuilt tokenizer is saved; not here
-    model_dict, tokenizer = train_data.model_and_tokenizer(config, scratch)
-  if model_overrides:
-    model_dict.update(model_overrides)
-  cfg = config_lib.model_config(model_dict)
-  abstract = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        params.to_pure_dict())
-  try:
-    restored = checkpoints.restore_params_from(
-        os.path.join(workdir, "checkpoints", str(step)), target)
-  except (ValueError, KeyError) as e:
-    raise ValueError(
-        f"{workdir} step {step}: the checkpoint's params do not fit the model built from its "
-        f"config (model geometry from config.model, or init_from={config.get('init_from')!r} "
-        f"config.json when that directory exists here): {e}") from e
-  nnx.replace_by_pure_dict(params, restored)
-  model = nnx.merge(graphdef, params, rest)
-  system = config.get("data", {}).get("system_prompt", DEFAULT_SYSTEM_PROMPT)
-  return Assistant(model, cfg, tokenizer, _image_spec(cfg, workdir), system_prompt=system,
-                   run_config=config, source=workdir)
-
-
-def _image_spec(cfg: config_lib.ModelConfig, directory: str) -> preprocess.ImageProcessorSpec:
-  """The directory's preprocessor_config.json when it ships one, else what the training
-  pipeline uses (`inputs.processor_spec`: the model geometry, mean/std 0.5)."""
-  if any(os.path.isfile(os.path.join(directory, f))
-         for f in ("preprocessor_config.json", "processor_config.json")):
-    return preprocess.ImageProcessorSpec.from_hf_dir(directory)
-  return inputs.processor_spec(cfg)
+  """Any run `runs.load_run` reads (an Orbax run at its latest or given `step`, a
+  transformers or an exported directory) → `Assistant`. `model_overrides` updates the model
+  ConfigDict (e.g. {'dtype': 'bfloat16'}, {'router': {'threshold': 0.7}}); geometry changes
+  will not match the weights."""
+  return Assistant(runs.load_run(os.fspath(path), step, model_overrides=model_overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +189,7 @@ def _image_spec(cfg: config_lib.ModelConfig, directory: str) -> preprocess.Image
 
 def define_flags(fv) -> None:
   from absl import flags
-  flags.DEFINE_string("model", None, "Orbax training workdir or transformers directory.",
+  flags.DEFINE_string("model", None, "An Orbax run, a transformers or an exported directory.",
                       flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", flag_values=fv)
   flags.DEFINE_string("image", None, "Image file.", flag_values=fv)
@@ -303,7 +210,7 @@ def cli(fv) -> str:
       raise ValueError(f"--{name} is required.")
   assistant = load(fv.model, step=fv.step)
   image = ImageLoader()(fv.image)
-  [a] = assistant.answer([image], [fv.question], sa_layers=parse_layers(fv.sa_layers),
+  [a] = assistant.answer([image], [fv.question], sa_layers=budgets_lib.parse(fv.sa_layers),
                          threshold=fv.threshold, max_new_tokens=fv.max_new_tokens,
                          temperature=fv.temperature, top_p=fv.top_p)
   how = "router" if fv.sa_layers is None and assistant.has_router else "fixed"

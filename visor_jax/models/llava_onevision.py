@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from visor_jax import budgets
 from visor_jax.config_lib import ModelConfig
 from visor_jax.models.nn import Dense
 from visor_jax.models.siglip import SiglipVisionTower
@@ -48,9 +49,9 @@ class LlavaOnevision(nnx.Module):
     self.projector_2 = Dense(d, d, ("embed", "embed_out"), bias=cfg.projector_bias, **kw)
     self.image_newline = nnx.Param(
         nnx.initializers.normal(1 / math.sqrt(d))(rngs.params(), (d,), param_dtype),
-        sharding_names=("embed",))
+        out_sharding=("embed",))
     self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (v, d), param_dtype),
-                           sharding_names=("vocab", "embed"))
+                           out_sharding=("vocab", "embed"))
     self.decoder = VisorDecoder(cfg, **kw)
     self.lm_head = (None if cfg.text.tie_word_embeddings else
                     Dense(d, v, ("embed", "vocab"), bias=False, **kw))
@@ -74,12 +75,14 @@ class LlavaOnevision(nnx.Module):
                                     inputs["vis_newline"])
 
   def hidden_states(self, inputs: Mapping[str, Array], budget: Array | None,
-                    threshold=None) -> tuple[Array, Array, Array | None]:
-    """(final-normed text hidden states float[B, T, D], budget used, router logits)."""
+                    threshold=None, *, unroll: bool = False) -> tuple[Array, Array, Array | None]:
+    """(final-normed text hidden states float[B, T, D], budget used, router logits).
+    `unroll`: a per-budget program (FLOPs cross-check only; `VisorDecoder.run_layers`)."""
     validate_inputs(self.cfg, inputs, budget)
     text, vis = self.streams(inputs)
     return self.decoder(text, vis, inputs["text_pos"], inputs["vis_pos"],
-                        inputs["text_valid"], inputs["vis_valid"], budget, threshold)
+                        inputs["text_valid"], inputs["vis_valid"], budget, threshold,
+                        unroll=unroll)
 
   def logits(self, hidden: Array) -> Array:
     """float[B, T, D] → float32[B, T, V]."""
@@ -87,9 +90,11 @@ class LlavaOnevision(nnx.Module):
       return jnp.dot(hidden, self.embed[...].astype(hidden.dtype).T).astype(jnp.float32)
     return self.lm_head(hidden).astype(jnp.float32)
 
-  def __call__(self, inputs: Mapping[str, Array], budget: Array) -> Array:
-    """Next-token logits for the text tokens, float32[B, T, V], at a given budget."""
-    return self.logits(self.hidden_states(inputs, budget)[0])
+  def __call__(self, inputs: Mapping[str, Array], budget: Array, *, unroll: bool = False
+               ) -> Array:
+    """Next-token logits for the text tokens, float32[B, T, V], at a given budget
+    (`budgets.mask`: bool[B, L]; data, so every budget shares one program)."""
+    return self.logits(self.hidden_states(inputs, budget, unroll=unroll)[0])
 
   def prefix_hidden(self, inputs: Mapping[str, Array]) -> tuple[Array, Array]:
     """Text hidden states entering the first SA-candidate layer, float[B, T, D] (the router's
@@ -157,10 +162,5 @@ def validate_inputs(cfg: ModelConfig, inputs: Mapping[str, Array], budget) -> No
   for key, expected_shape in expected.items():
     if shape(key) != expected_shape:
       raise ValueError(f"{key}: expected shape {expected_shape}, got {shape(key)}.")
-  if budget is None:
-    return
-  if tuple(budget.shape) != (b, cfg.num_layers):
-    raise ValueError(f"budget: expected bool[batch={b}, layers={cfg.num_layers}] (one bit per "
-                     f"LLM layer), got shape {tuple(budget.shape)}.")
-  if budget.dtype != bool:
-    raise ValueError(f"budget: expected dtype bool, got {budget.dtype}.")
+  if budget is not None:
+    budgets.check_mask(cfg, budget, b)

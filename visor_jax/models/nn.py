@@ -20,8 +20,8 @@ class Dense(nnx.Module):
   def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=DEFAULT_INIT):
     self.kernel = nnx.Param(kernel_init(rngs.params(), (d_in, d_out), param_dtype),
-                            sharding_names=axes)
-    self.bias = (nnx.Param(jnp.zeros((d_out,), param_dtype), sharding_names=(axes[1],))
+                            out_sharding=axes)
+    self.bias = (nnx.Param(jnp.zeros((d_out,), param_dtype), out_sharding=(axes[1],))
                  if bias else None)
     self.dtype = dtype
 
@@ -36,7 +36,7 @@ class RMSNorm(nnx.Module):
   """Qwen2 RMSNorm: statistics in float32, then scaled in the input dtype (as transformers)."""
 
   def __init__(self, dim: int, eps: float, *, axis_name: str = "embed", param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=(axis_name,))
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
     self.eps = eps
 
   def __call__(self, x: Array) -> Array:
@@ -49,8 +49,8 @@ class LayerNorm(nnx.Module):
   """Two-pass LayerNorm with float32 statistics (matches torch.nn.LayerNorm)."""
 
   def __init__(self, dim: int, eps: float, *, axis_name: str, param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=(axis_name,))
-    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=(axis_name,))
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis_name,))
     self.eps = eps
 
   def __call__(self, x: Array) -> Array:

@@ -50,7 +50,7 @@ class SiglipVisionTower(nnx.Module):
                              dtype=dtype, param_dtype=param_dtype)
     self.pos_embed = nnx.Param(
         nnx.initializers.normal(0.02)(rngs.params(), (cfg.num_patches, d), param_dtype),
-        sharding_names=(None, "vision_embed"))
+        out_sharding=(None, "vision_embed"))
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers,

@@ -47,7 +47,7 @@ class CrossAttention(nnx.Module):
     self.attn = Qwen2Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                                use_rope=False,
                                o_init=nnx.initializers.zeros_init() if zero_out else None)
-    self.gate = None if zero_out else nnx.Param(jnp.zeros((), param_dtype), sharding_names=())
+    self.gate = None if zero_out else nnx.Param(jnp.zeros((), param_dtype), out_sharding=())
 
   def __call__(self, t: Array, v: Array, t_pos: Array, v_pos: Array, v_valid: Array,
                impl: str | None = None) -> Array:
@@ -79,11 +79,11 @@ class PositionalConv(nnx.Module):
   def __init__(self, dim: int, kernel: int, *, rngs: nnx.Rngs, dtype, param_dtype):
     init = nnx.initializers.normal(1.0 / kernel)
     self.depthwise = nnx.Param(init(rngs.params(), (kernel, dim), param_dtype),
-                               sharding_names=(None, "embed"))
-    self.depthwise_bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=("embed",))
+                               out_sharding=(None, "embed"))
+    self.depthwise_bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",))
     self.pointwise = nnx.Param(jnp.zeros((dim, dim), param_dtype),
-                               sharding_names=("embed", "embed_out"))
-    self.pointwise_bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=("embed",))
+                               out_sharding=("embed", "embed_out"))
+    self.pointwise_bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",))
     self.kernel, self.dtype = kernel, dtype
 
   def __call__(self, v: Array, valid: Array) -> Array:
@@ -127,20 +127,21 @@ class VisorDecoder(nnx.Module):
 
   def __call__(self, text: Array, vis: Array, text_pos: Array, vis_pos: Array,
                text_valid: Array, vis_valid: Array, budget: Array | None,
-               threshold: Array | float | None = None) -> tuple[Array, Array, Array | None]:
+               threshold: Array | float | None = None, *, unroll: bool = False
+               ) -> tuple[Array, Array, Array | None]:
     """Runs all layers → (final-normed text hidden states float[B, T, D], the budget used
     bool[B, L], router logits float32[B, K] or None).
 
     text: float[B, T, D]; vis: float[B, N, D]; *_pos: int32; *_valid: bool. `budget`
     bool[B, L] fixes the budget; None lets the router choose it per sample, mid-prefill, at
-    cost knob `threshold` (default `cfg.router.threshold`).
+    cost knob `threshold` (default `cfg.router.threshold`). `unroll`: see `run_layers`.
     """
     if self.pos_conv is not None:
       vis = self.pos_conv(vis, vis_valid)
     args = (text_pos, vis_pos, text_valid, vis_valid)
     n = self.cfg.num_layers
     if budget is not None:
-      text, _ = self.run_layers(text, vis, *args, budget, 0, n)
+      text, _ = self.run_layers(text, vis, *args, budget, 0, n, unroll=unroll)
       return self.norm(text), budget, None
     if self.router is None:
       raise ValueError("budget: None needs a router (model.router.feasible is empty); pass "
@@ -160,13 +161,14 @@ class VisorDecoder(nnx.Module):
     return jnp.asarray(self.router.table)[k], logits
 
   def run_layers(self, text, vis, text_pos, vis_pos, text_valid, vis_valid, budget,
-                 start: int, stop: int) -> tuple[Array, Array]:
+                 start: int, stop: int, *, unroll: bool = False) -> tuple[Array, Array]:
     """Layers [start, stop); returns (text, vis) hidden states.
 
-    A traced budget runs one `lax.scan` whose body `lax.switch`es on the layer's bits (one
-    program for every budget). A concrete numpy budget unrolls the layers in Python and drops
-    the off paths at trace time: a per-budget program, used for XLA cost analysis (which
-    counts a loop body once) and never by training or serving.
+    The budget is data: one `lax.scan` whose body `lax.switch`es on the layer's bits runs
+    every budget with one program. `unroll=True` is the explicit exception: the budget must be
+    concrete (numpy), the layers are unrolled in Python and the off paths dropped at trace
+    time, a program per budget. Only the FLOPs cross-check uses it (XLA's cost analysis counts
+    a loop body once); training and serving never do.
     """
     cfg = self.cfg
     impl = cfg.attention_impl
@@ -177,7 +179,13 @@ class VisorDecoder(nnx.Module):
     is_ca[list(cfg.visor.ca_layers)] = True
     all_pos = jnp.concatenate([vis_pos, text_pos], axis=1)
     all_valid = jnp.concatenate([vis_valid, text_valid], axis=1)
-    static = isinstance(budget, np.ndarray)
+    static = unroll
+    if unroll:
+      try:
+        budget = np.asarray(budget, bool)
+      except jax.errors.TracerArrayConversionError:
+        raise ValueError("run_layers(unroll=True) needs a concrete budget, got a traced one.") \
+            from None
 
     layer_def, layer_state = nnx.split(self.layers)
     layer_state = jax.tree.map(lambda a: a[start:stop], layer_state)

@@ -1,7 +1,9 @@
 """The training config: every field with its default and meaning, shared by configs/*.py.
 
 Config files in `configs/` start from `default()` and override; `get_config(arg)` takes
-`:key=value` variants (see `config_lib.parse_arg`).
+`:key=value` variants (see `config_lib.parse_arg`). Budgets are written as `budgets.py`
+describes (a list of SA-layer lists, 'default', 'maximal', '[];[4];[1,4]' or a feasible.json
+path) and checked against the model's SA candidates before anything compiles.
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
       json_path="",                 # LLaVA-format .json/.jsonl (source='json')
       image_root="",                # image paths in the JSON are relative to this
       eval_json_path="",            # optional validation file for source='json'
+                                    # (teacher-forced eval metrics)
+      eval_questions="",            # question file (JSONL, see evaluation/harness.py) for
+                                    # the end-of-run accuracy of a source='json' run
       synthetic_dir="",             # '' → <workdir>/synthetic_data
       synthetic_seed=0,
       synthetic_sizes=dict(train=1000, validation=96, test=96),
@@ -50,11 +55,11 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
   ))
 
   # Universal training: each step samples one feasible budget (a set of SA layers) with
-  # these weights. None → `budgets.default_feasible`: 0, 1, 2, 4, ... and all SA candidates,
-  # spread over the candidate list (the feasible-budget search of issue 4 replaces this).
-  c.budgets = None
+  # these weights. 'default' → `budgets.default_feasible`: 0, 1, 2, 4, ... and all SA
+  # candidates spread over the candidate list; or a feasible.json from the budget search.
+  c.budgets = "default"
   c.budget_weights = None           # None → uniform
-  c.eval_budgets = None             # None → the training budgets
+  c.eval_budgets = ""               # "" → the training budgets
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=20, end_lr_frac=0.1, b1=0.9, b2=0.999, eps=1e-8,
@@ -66,8 +71,13 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
   c.grad_accum = 1
   c.num_steps = 300
   c.log_every = 10
+  # Evaluation. At the end: accuracy of generated answers (the evaluation harness) on the
+  # first `eval_items` validation items, per budget (0: skipped). Every `eval_every` steps and
+  # at the end: teacher-forced exact match and loss on `eval_batches` validation batches.
   c.eval_every = 0                  # 0: only at the end
   c.eval_batches = 12
+  c.eval_items = 96
+  c.eval_max_new_tokens = 16
   c.ckpt_every = 100
   c.keep_ckpts = 2
   c.async_ckpt = True

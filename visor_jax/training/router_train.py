@@ -10,13 +10,15 @@ then the router MLP trained with cross-entropy. No RL, no Gumbel.
    (exactly what the router reads at inference; causality keeps the answer out of it). The
    LVLM is frozen, so features are computed once and the MLP trains on them directly.
 4. The result is a new run directory: the universal params plus the router, with
-   `model.router.feasible` set, loadable by serving, evaluation and export like any run.
+   `model.router.feasible` set, loadable by serving, evaluation and export like any run
+   (`runs.load_run`). Metrics go to its metrics.jsonl / TensorBoard like a training run's.
 
     python -m visor_jax.main --config=configs/router.py --workdir=/tmp/visor_router \\
       --config.router_train.from_workdir=/tmp/visor_universal
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -29,10 +31,12 @@ import optax
 from flax import nnx, traverse_util
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import checkpoints, config_lib, metrics, sharding, train_data
-from visor_jax.data import pipeline
+from visor_jax import checkpoints, config_lib, runs
+from visor_jax.data import pipeline, sources
 from visor_jax.models.llava_onevision import INPUT_KEYS, LlavaOnevision
 from visor_jax.models.router import Router
+from visor_jax.training import metrics
+from visor_jax.training.steps import answer_exact
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,7 @@ def _score(logits, targets, kind: str):
   """float32[B]: one number per sample from its supervised tokens."""
   mask = targets >= 0
   if kind == "correct":
-    hit = (jnp.argmax(logits, -1) == targets) | ~mask
-    return jnp.all(hit, axis=-1).astype(jnp.float32)
+    return answer_exact(logits, targets).astype(jnp.float32)
   logp = -optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
   return jnp.exp(jnp.sum(logp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1))
 
@@ -104,40 +107,37 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
 
   # ---------------------------------------------------------------- the frozen universal run
-  run, _ = checkpoints.read_run_config(r.from_workdir)
-  model_dict, tokenizer = train_data.model_and_tokenizer(run, r.from_workdir)
-  universal_cfg = config_lib.model_config(model_dict)
-  feasible = (budgets_lib.resolve_sets(run.budgets, universal_cfg) if not r.feasible else
-              _read_feasible(r.feasible))
+  universal = runs.load_run(r.from_workdir)
+  if universal.kind != "orbax":
+    raise ValueError(f"router_train.from_workdir={r.from_workdir}: expected a training run "
+                     f"(Orbax), got a {universal.kind} directory.")
+  run, universal_cfg = universal.config, universal.cfg
+  feasible = budgets_lib.resolve(r.feasible or run.budgets, universal_cfg,
+                                 "router_train.feasible" if r.feasible else "budgets")
+  model_dict = ml_collections.ConfigDict(universal.model.to_dict())
   model_dict.router = dict(feasible=feasible, hidden=r.hidden, threshold=r.threshold)
   cfg = config_lib.model_config(model_dict)
-  abstract = nnx.eval_shape(lambda: LlavaOnevision(universal_cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract)
-  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, num_devices=1))
-  shardings = sharding.param_shardings(abstract, mesh, run.sharding_rules)
-  params = checkpoints.restore_params_from(r.from_workdir, jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_params.to_pure_dict(), shardings))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: LlavaOnevision(universal_cfg,
+                                                                rngs=nnx.Rngs(0))))
+  params = universal.params
 
   # ---------------------------------------------------------------- pseudo-labels
-  sets = [list(s) for s in cfg.router.feasible] + [list(cfg.visor.sa_candidates)]
-  rows = jnp.asarray(np.concatenate([budgets_lib.from_layers(cfg, s) for s in sets]))
+  sets = [list(s) for s in cfg.router.feasible] + [budgets_lib.maximal(cfg)]
+  rows = jnp.asarray(np.concatenate([budgets_lib.mask(cfg, s) for s in sets]))
   label_fn = jax.jit(make_label_fn(graphdef, r.score))
-  run.data.synthetic_dir = run.data.synthetic_dir or os.path.join(r.from_workdir,
-                                                                  "synthetic_data")
-  source = train_data.source_for(run, r.split, r.from_workdir)
-  it = pipeline.make_iterator(source, tokenizer, universal_cfg, train_data.data_kwargs(
-      run, universal_cfg), num_epochs=1, shuffle=False, num_workers=0)
-  feats, scores, families = [], [], []
+  source = sources.source_for(run.data, r.split, universal.workdir)
+  it = pipeline.make_iterator(source, universal.tokenizer, universal_cfg,
+                              sources.pipeline_kwargs(run.data), num_epochs=1, shuffle=False,
+                              num_workers=0)
+  feats, scores, groups = [], [], []
   for batch in it:
     keep = batch["sample_valid"] & (batch["targets"] >= 0).any(axis=1)
     f, s = jax.device_get(label_fn(params, {k: v for k, v in batch.items()
                                             if k not in pipeline.HOST_FIELDS}, rows))
-    feats.append(f[keep]), scores.append(s[keep]), families.append(batch["family"][keep])
+    feats.append(f[keep]), scores.append(s[keep]), groups.append(batch["group"][keep])
     if sum(len(x) for x in feats) >= r.num_samples:
       break
-  feats, scores, families = (np.concatenate(x)[:r.num_samples]
-                             for x in (feats, scores, families))
+  feats, scores, groups = (np.concatenate(x)[:r.num_samples] for x in (feats, scores, groups))
   labels = pseudo_labels(scores[:, :-1], scores[:, -1], r.ratio)
 
   # ---------------------------------------------------------------- router
@@ -148,38 +148,32 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   n_sa = np.array([len(s) for s in cfg.router.feasible])
   stats = {"samples": int(len(labels)), "router_train_accuracy": acc,
            "label_histogram": np.bincount(labels, minlength=len(n_sa)).tolist()}
-  for code, name in ((0, "easy"), (1, "hard")):
-    sel = families == code
-    if sel.any():
-      stats[f"mean_sa_label_{name}"] = float(n_sa[labels[sel]].mean())
-      stats[f"mean_sa_router_{name}"] = float(n_sa[chosen[sel]].mean())
+  for name in sorted(set(groups.tolist()) - {""}):  # question groups: the records' families
+    sel = groups == name
+    stats[f"mean_sa_label_{name}"] = float(n_sa[labels[sel]].mean())
+    stats[f"mean_sa_router_{name}"] = float(n_sa[chosen[sel]].mean())
   metrics.log("router: %s", stats)
+  writer = metrics.Writer(workdir)
+  writer.write(0, {f"router/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+  writer.close()
 
   # ---------------------------------------------------------------- a run with the router
   flat = traverse_util.flatten_dict(jax.device_get(params), sep=".")
   for path, value in traverse_util.flatten_dict(
-      nnx.state(router, nnx.Param).to_pure_dict(), sep=".").items():
+      nnx.to_pure_dict(nnx.state(router, nnx.Param)), sep=".").items():
     flat["decoder.router." + path] = np.asarray(value)
   out_params = traverse_util.unflatten_dict(flat, sep=".")
   out_config = ml_collections.ConfigDict(run.to_dict())
   out_config.model = model_dict
   out_config.init_from = r.from_workdir
-  out_config.tokenizer = os.path.join(workdir, "tokenizer")
-  tokenizer.save(out_config.tokenizer)
-  if os.path.isdir(os.path.join(r.from_workdir, "synthetic_data")) and \
+  data_dir = sources.synthetic_dir(run.data, universal.workdir)
+  if run.data.source == "synthetic" and not run.data.synthetic_dir and \
       not os.path.exists(os.path.join(workdir, "synthetic_data")):
-    shutil.copytree(os.path.join(r.from_workdir, "synthetic_data"),
-                    os.path.join(workdir, "synthetic_data"))
+    shutil.copytree(data_dir, os.path.join(workdir, "synthetic_data"))  # evaluation finds it
   ckpt = checkpoints.Checkpointer(workdir, save_every=1, keep=1, async_save=False)
   ckpt.save(0, {"params": out_params, "opt_state": {}, "step": np.int32(0)}, None, out_config,
-            force=True)
+            model_dict, universal.tokenizer.files, force=True)
   ckpt.close()
   with open(os.path.join(workdir, "router_stats.json"), "w") as f:
-    import json
     json.dump({**stats, "feasible": [list(s) for s in cfg.router.feasible]}, f, indent=2)
   return stats
-
-
-def _read_feasible(path: str) -> list[list[int]]:
-  from visor_jax import evaluate
-  return evaluate.read_feasible(path)

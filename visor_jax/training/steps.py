@@ -12,11 +12,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from visor_jax import optim
+from visor_jax import budgets as budgets_lib
+from visor_jax import sharding
+from visor_jax.data import pipeline
 from visor_jax.models.llava_onevision import INPUT_KEYS
+from visor_jax.training import optim
 
 Array = jax.Array
 
@@ -31,6 +35,15 @@ def token_loss(logits: Array, targets: Array) -> tuple[Array, Array, Array]:
   n = jnp.sum(mask)
   correct = jnp.sum((jnp.argmax(logits, -1) == targets) & mask)
   return jnp.sum(ce * mask) / jnp.maximum(n, 1), n, correct
+
+
+def answer_exact(logits: Array, targets: Array) -> Array:
+  """bool[B]: teacher-forced answer exact match. True when the argmax at every supervised
+  position is its target (greedy decoding would reproduce the whole answer and its end of
+  turn) and the sample has a target at all. Shared by the eval step and router training."""
+  mask = targets >= 0
+  hit = (jnp.argmax(logits, -1) == targets) | ~mask
+  return jnp.all(hit, axis=-1) & jnp.any(mask, axis=-1)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef) -> Callable:
@@ -90,21 +103,35 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-  """(params, batch, budget) → per-sample answer exact match (teacher forced).
-
-  A sample is correct when the argmax at every supervised position is the target: the whole
-  short answer (and its end-of-turn token) would be produced by greedy decoding.
-  """
+  """(params, batch, budget) → {'tf_exact' bool[B] (`answer_exact`), 'has_target' bool[B],
+  'loss' (mean over the batch's supervised tokens)}."""
   def step(params, batch, budget):
     model = nnx.merge(graphdef, params)
     logits = model({k: batch[k] for k in INPUT_KEYS}, budget)
-    targets = batch["targets"]
-    mask = targets >= 0
-    hit = (jnp.argmax(logits, -1) == targets) | ~mask
-    loss, _, _ = token_loss(logits, targets)
-    return {"correct": jnp.all(hit, axis=-1) & jnp.any(mask, axis=-1),
-            "has_target": jnp.any(mask, axis=-1), "loss": loss}
+    loss, _, _ = token_loss(logits, batch["targets"])
+    return {"tf_exact": answer_exact(logits, batch["targets"]),
+            "has_target": jnp.any(batch["targets"] >= 0, axis=-1), "loss": loss}
   return step
+
+
+def teacher_forced_eval(eval_step: Callable, params, batches: list[dict],
+                        layer_sets: list[list[int]], cfg, mesh) -> dict:
+  """{budget label: {'tf_exact', 'loss', 'n'}} over `batches`: training metrics, not the
+  accuracy (that is the evaluation harness's, on generated answers)."""
+  results = {}
+  for layers in layer_sets:
+    exact, losses = [], []
+    for batch in batches:
+      mask = budgets_lib.mask(cfg, layers, batch["tokens"].shape[0])
+      out = jax.device_get(eval_step(params, sharding.to_global(batch, mesh,
+                                                                pipeline.HOST_FIELDS), mask))
+      exact.append(np.asarray(out["tf_exact"])[np.asarray(out["has_target"])])
+      losses.append(float(out["loss"]))
+    exact = np.concatenate(exact) if exact else np.zeros(0, bool)
+    results[budgets_lib.label(layers)] = {
+        "tf_exact": float(exact.mean()) if len(exact) else float("nan"),
+        "loss": float(np.mean(losses)) if losses else float("nan"), "n": int(len(exact))}
+  return results
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, labels: dict[str, str]

@@ -3,6 +3,11 @@
 mesh → data → model shapes → sharding → update step → restore → loop → eval. Everything a
 section needs comes from the config; the budget of each step is sampled on the host (a pure
 function of seed and step) and enters the one compiled step as data.
+
+Evaluation at the end is the evaluation harness's (generated answers scored by
+`evaluation/metrics.py`, the same numbers `python -m visor_jax.evaluation.main` prints) on
+`config.eval_items` validation items. Teacher-forced answer exact match and the eval loss are
+training metrics (`eval/<budget>/tf_exact`, `eval/<budget>/loss`), every `eval_every` steps.
 """
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ import numpy as np
 from flax import nnx
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import checkpoints, config_lib, metrics, optim, sharding, steps
-from visor_jax import train_data
-from visor_jax.evaluation_table import evaluate_budgets, format_table
+from visor_jax import checkpoints, config_lib, runs, sharding
+from visor_jax.data import pipeline, sources
+from visor_jax.evaluation import main as eval_main
 from visor_jax.models.llava_onevision import LlavaOnevision
+from visor_jax.training import metrics, optim, steps
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +44,9 @@ class _Preempted:
 
 
 def _eval_scalars(results: dict) -> dict:
-  """TensorBoard-safe names: 'SA{1,4}' → 'eval/SA_1_4/acc'."""
-  safe = lambda label: label.replace("{", "_").replace("}", "").replace(",", "_")
-  return {f"eval/{safe(label)}/{k}": v for label, r in results.items() for k, v in r.items()
-          if isinstance(v, (int, float))}
+  """TensorBoard-safe names: 'SA{1,4}' → 'eval/SA_1_4/tf_exact'."""
+  return {f"eval/{budgets_lib.file_label(label)}/{k}": v for label, r in results.items()
+          for k, v in r.items() if isinstance(v, (int, float))}
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -56,7 +61,8 @@ def maybe_initialize_distributed(config) -> None:
 @dataclasses.dataclass
 class TrainResult:
   state: dict            # the final train state (sharded arrays)
-  eval: dict             # {budget label: accuracies and FLOPs}; empty if preempted
+  eval: dict             # the harness's summary ({'runs': [...]}); empty if preempted/skipped
+  teacher_forced: dict   # {budget label: {'tf_exact', 'loss', 'n'}} of the last eval
   preempted: bool = False
 
 
@@ -78,17 +84,18 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                      f"x grad_accum={config.grad_accum}.")
 
   # ---------------------------------------------------------------- data
-  model_dict, tokenizer = train_data.model_and_tokenizer(config, workdir)
+  model_dict, tokenizer = runs.experiment_model_and_tokenizer(config)
   cfg = config_lib.model_config(model_dict)
-  train_iter = train_data.train_iterator(config, cfg, tokenizer, workdir)
-  eval_batches = train_data.eval_batches(config, cfg, tokenizer, workdir)
-  layer_sets = budgets_lib.resolve_sets(config.budgets, cfg)  # validated before compiling
-  eval_sets = budgets_lib.resolve_sets(config.eval_budgets or layer_sets, cfg)
+  layer_sets = budgets_lib.resolve(config.budgets, cfg, "budgets")  # checked before compiling
+  eval_sets = (budgets_lib.resolve(config.eval_budgets, cfg, "eval_budgets")
+               if config.eval_budgets else layer_sets)
+  train_iter = sources.train_iterator(config, cfg, tokenizer, workdir)
+  eval_batches = sources.eval_batches(config, cfg, tokenizer, workdir)
 
   # ---------------------------------------------------------------- model shapes
   abstract_model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(config.seed)))
   graphdef, abstract_params = nnx.split(abstract_model)
-  abstract_params = abstract_params.to_pure_dict()
+  abstract_params = nnx.to_pure_dict(abstract_params)
   labels = optim.param_labels(abstract_params, config.optim.param_groups)
   tx = optim.make_optimizer(config.optim, labels, config.num_steps)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
@@ -123,19 +130,29 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     state = ckpt.restore(ckpt.latest_step(), abstract_sharded, train_iter)
     metrics.log("resumed from own checkpoint at step %d", int(state["step"]))
   else:
-    params = train_data.initial_params(config, cfg, abstract_model, param_sh)
-    state = init_state(params)
+    state = init_state(runs.initial_params(config, cfg, param_sh))
   first_step = int(state["step"])
+
+  def save(step: int, force: bool = False) -> None:
+    ckpt.save(step, state, train_iter, config, model_dict, tokenizer.files, force=force)
+
+  def teacher_forced() -> dict:
+    if not eval_batches:
+      return {}
+    results = steps.teacher_forced_eval(eval_step, state["params"], eval_batches, eval_sets,
+                                        cfg, mesh)
+    writer.write(int(state["step"]), _eval_scalars(results))
+    return results
 
   def budget_for(step: int, batch_size: int) -> tuple[np.ndarray, int]:
     i = budgets_lib.sample(layer_sets, config.budget_weights, config.seed, step)
-    return budgets_lib.from_layers(cfg, layer_sets[i], batch_size), i
+    return budgets_lib.mask(cfg, layer_sets[i], batch_size), i
 
   # ---------------------------------------------------------------- loop
   preempted = _Preempted()
   progress = metrics.Progress(first_step, config.num_steps)
   averages = metrics.Averages()
-  bad_counts = np.zeros(len(train_data.BAD_REASONS), np.int64)
+  bad_counts = np.zeros(len(pipeline.BAD_REASONS), np.int64)
   tokens_since_log = 0
   compiled_steps = {}  # text bucket shape → the compiled step
   pending = None  # (step, budget index, device metrics): read one step late, so the host
@@ -159,7 +176,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     batch = next(train_iter)
     bad_counts += batch["bad_counts"]
     budget, budget_idx = budget_for(step, batch["tokens"].shape[0])
-    global_batch = train_data.to_global(batch, mesh)
+    global_batch = sharding.to_global(batch, mesh, pipeline.HOST_FIELDS)
     bucket = batch["tokens"].shape
     if bucket not in compiled_steps:  # once per static text bucket; budgets never recompile
       compiled_steps[bucket] = train_step.lower(state, global_batch, budget).compile()
@@ -173,34 +190,40 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       finish(pending)
     pending = (step + 1, budget_idx, step_metrics)
     done = step + 1
-    metrics.log("step %d: budget %s", done, budgets_lib.describe(budget[0]))
+    metrics.log("step %d: budget %s", done, budgets_lib.label(layer_sets[budget_idx]))
 
     if done % config.log_every == 0 or done == config.num_steps or preempted.flag:
       finish(pending)
       pending = None
       scalars = {**averages.compute_and_reset(), **progress.update(done, tokens_since_log)}
       tokens_since_log = 0
-      scalars.update({f"bad/{r}": int(c) for r, c in zip(train_data.BAD_REASONS, bad_counts)})
+      scalars.update({f"bad/{r}": int(c) for r, c in zip(pipeline.BAD_REASONS, bad_counts)})
       scalars["compilations"] = len(compiled_steps)
       writer.write(done, scalars)
       metrics.log("%s  compilations %d", metrics.format_progress(
           done, config.num_steps, scalars), scalars["compilations"])
     if preempted.flag:
-      ckpt.save(done, state, train_iter, config, force=True)
+      save(done, force=True)
       ckpt.close()
       writer.close()
       metrics.log("preempted: checkpoint of step %d written; exiting", done)
-      return TrainResult(state, {}, preempted=True)
-    ckpt.save(done, state, train_iter, config, force=done == config.num_steps)
+      return TrainResult(state, {}, {}, preempted=True)
+    save(done, force=done == config.num_steps)
     if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
-      results = evaluate_budgets(eval_step, state["params"], eval_batches, eval_sets, cfg, mesh)
-      writer.write(done, _eval_scalars(results))
+      teacher_forced()
   ckpt.close()
 
   # ---------------------------------------------------------------- eval
-  results = evaluate_budgets(eval_step, state["params"], eval_batches, eval_sets, cfg, mesh)
-  writer.write(config.num_steps, _eval_scalars(results))
+  tf_results = teacher_forced()
+  summary = {}
+  items, skips = eval_main.training_items(config, workdir)
+  if items:
+    run = runs.in_memory(config, model_dict, tokenizer, state["params"], workdir,
+                         int(state["step"]))
+    summary = eval_main.evaluate(
+        run, items, os.path.join(workdir, "eval"), layer_sets=eval_sets, skips=skips,
+        batch_size=config.data.batch_size, max_new_tokens=config.eval_max_new_tokens,
+        print_fn=print if jax.process_index() == 0 else lambda *_: None)
+    writer.write(int(state["step"]), eval_main.scalars(summary))
   writer.close()
-  if jax.process_index() == 0:
-    print(format_table(results), flush=True)
-  return TrainResult(state, results)
+  return TrainResult(state, summary, tf_results)

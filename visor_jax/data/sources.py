@@ -1,0 +1,74 @@
+"""Where a run's records come from: `config.data` → a source per split, and its iterators.
+
+Two sources: the embedded synthetic dataset (built under the workdir on first use,
+deterministic, so every host may build its own copy) or LLaVA-format JSON. The trainer, router
+training and the evaluation entry point all read data through here, so they agree on which
+records a split holds.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from visor_jax.config_lib import ModelConfig
+from visor_jax.data import pipeline, synthetic
+from visor_jax.data.tokenizer import Tokenizer
+
+SOURCES = ("synthetic", "json")
+
+
+def synthetic_dir(data: ml_collections.ConfigDict, workdir: str) -> str:
+  """`data.synthetic_dir`, else `<workdir>/synthetic_data`."""
+  return data.get("synthetic_dir") or os.path.join(workdir, "synthetic_data")
+
+
+def synthetic_params(data: ml_collections.ConfigDict) -> dict:
+  """The generation parameters of the synthetic dataset a `config.data` describes."""
+  return dict(seed=data.synthetic_seed, sizes=dict(data.synthetic_sizes),
+              min_side=data.synthetic_min_side, max_side=data.synthetic_max_side)
+
+
+def source_for(data: ml_collections.ConfigDict, split: str, workdir: str):
+  """The records of one split (None when a JSON run has no file for it)."""
+  if data.source == "synthetic":
+    directory, params = synthetic_dir(data, workdir), synthetic_params(data)
+    synthetic.build(directory, **params)  # a no-op when already built
+    return synthetic.records(split, directory, **params)
+  if data.source == "json":
+    path = data.json_path if split == "train" else data.eval_json_path
+    return pipeline.JsonSource(path, data.image_root) if path else None
+  raise ValueError(f"data.source={data.source!r} is not one of {SOURCES}.")
+
+
+def pipeline_kwargs(data: ml_collections.ConfigDict) -> dict:
+  """`config.data` as the pipeline's keyword arguments (0 = derive from the model)."""
+  d = data.to_dict()
+  d["max_visual"] = d.get("max_visual") or None
+  d["max_crops"] = d.get("max_crops") or None
+  return d
+
+
+def train_iterator(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str):
+  """Shuffled, repeated, host-sharded, checkpointable training batches."""
+  return pipeline.make_iterator(source_for(config.data, "train", workdir), tokenizer, cfg,
+                                pipeline_kwargs(config.data), num_epochs=None, shuffle=True)
+
+
+def eval_batches(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str, split: str =
+                 "validation", limit: int | None = None) -> list[dict]:
+  """The first `limit` (default `config.eval_batches`) batches of one in-order pass over
+  `split`; [] when the run has no such split."""
+  source = source_for(config.data, split, workdir)
+  if source is None:
+    return []
+  limit = config.eval_batches if limit is None else limit
+  it = pipeline.make_iterator(source, tokenizer, cfg, pipeline_kwargs(config.data),
+                              num_epochs=1, shuffle=False, num_workers=0)
+  out = []
+  for batch in it:
+    if len(out) == limit:
+      break
+    batch.pop("bad_counts", None)
+    out.append(batch)
+  return out
