@@ -56,10 +56,11 @@ def synthetic_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, synthetic_dir):
-  """One finished tiny training run (4 steps, a checkpoint at 4), shared read-only by the
-  restore, router, serving and export tests. Tests that continue it copy it first."""
+  """One finished tiny training run (4 steps, a checkpoint at 4, its end-of-run evaluation on
+  4 validation items), shared read-only by the loading, restore, router and evaluation tests.
+  Tests that continue it copy it first."""
   import train_fixtures as tf
   from visor_jax.training import train
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  train.main(tf.tiny_config(synthetic_dir, num_steps=4, ckpt_every=4, **tf.NO_EVAL), workdir)
+  train.main(tf.tiny_config(synthetic_dir, num_steps=4, ckpt_every=4), workdir)
   return workdir

@@ -5,11 +5,10 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from visor_jax import checkpoints, runs, sharding
+from visor_jax import runs, sharding
 from visor_jax.data import synthetic
 from visor_jax.data.tokenizer import build_tiny_tokenizer
 

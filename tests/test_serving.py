@@ -7,7 +7,6 @@ the tiny model takes ~10 s on CPU). One Assistant is shared by the tests so its 
 prefill/decode programs are reused.
 """
 import json
-import os
 import shutil
 
 import jax
@@ -20,7 +19,6 @@ from flax import nnx
 
 import hf_fixtures
 from visor_jax import budgets, checkpoints, config_lib
-from visor_jax.evaluation import harness
 from visor_jax.evaluation import main as eval_main
 from visor_jax.inference import serving
 from visor_jax.training import config as train_config

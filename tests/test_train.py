@@ -34,6 +34,19 @@ def _eval_summary(workdir):
     return json.load(f)
 
 
+def test_trainer_table_is_the_evaluation_harness(tiny_run, tmp_path):
+  """One meaning of accuracy: `evaluation.main` on the saved run and the same validation
+  items gives the trainer's end-of-run numbers, sample by sample."""
+  trained = {r["label"]: r for r in _eval_summary(tiny_run)["runs"]}
+  assert set(trained) == {"CA-only", "SA{4}", "SA{1,4}"}
+  summary = eval_main.run(tiny_run, str(tmp_path), synthetic_split="validation", limit=4,
+                          batch_size=4, max_new_tokens=4, print_fn=lambda *_: None)
+  for r in summary["runs"]:
+    assert r["n_scored"] == trained[r["label"]]["n_scored"] == 4
+    assert r["overall"] == trained[r["label"]]["overall"]
+    assert r["per_group"] == trained[r["label"]]["per_group"]
+
+
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, synthetic_dir):
   extra = ("--config.num_steps=8", "--config.ckpt_every=4", "--config.log_every=1",
@@ -126,10 +139,16 @@ def _tiny_batch(cfg, b=2, t=16, n=8, p=2, seed=0):
       targets=np.where(np.arange(t) >= t // 2, rng.integers(0, 256, (b, t)), -1).astype(np.int32))
 
 
-def _step_setup(groups):
+@pytest.fixture(scope="module")
+def tiny_model(cfg):
+  """(graphdef, params) of the tiny model: a jitted init (an eager one costs seconds)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0))))
+  return graphdef, jax.device_get(runs.random_params(cfg, 0, None))
+
+
+def _step_setup(tiny_model, groups):
   cfg = config_lib.model_config(model_configs.tiny())
-  graphdef, params = nnx.split(LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
-  params = nnx.to_pure_dict(params)
+  graphdef, params = tiny_model
   o = train_config.default("tiny").optim
   o.param_groups = groups
   labels = optim.param_labels(params, groups)
@@ -138,8 +157,8 @@ def _step_setup(groups):
   return cfg, params, labels, tx, step
 
 
-def test_frozen_parameters_are_bit_identical_after_training():
-  cfg, params, labels, tx, step = _step_setup(train_config.GROUPS_STAGE1)
+def test_frozen_parameters_are_bit_identical_after_training(tiny_model):
+  cfg, params, labels, tx, step = _step_setup(tiny_model, train_config.GROUPS_STAGE1)
   state = steps.init_state(params, tx, labels)
   budget = np.zeros((2, cfg.num_layers), bool)  # CA-only: the new parts carry all vision
   # Zero-initialised outputs unlock the parts behind them one step at a time (lr 0 at step 0,
@@ -155,8 +174,8 @@ def test_frozen_parameters_are_bit_identical_after_training():
   assert changed == set(labels) - frozen  # every new-part parameter moved
 
 
-def test_nonfinite_loss_leaves_state_unchanged():
-  cfg, params, labels, tx, step = _step_setup(train_config.GROUPS_ALL)
+def test_nonfinite_loss_leaves_state_unchanged(tiny_model):
+  cfg, params, labels, tx, step = _step_setup(tiny_model, train_config.GROUPS_ALL)
   state = steps.init_state(params, tx, labels)
   batch = _tiny_batch(cfg)
   batch["pixels"][0, 0, 0, 0, 0] = np.inf
@@ -166,9 +185,9 @@ def test_nonfinite_loss_leaves_state_unchanged():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_gradient_accumulation_equals_the_full_batch():
-  cfg, params, labels, tx, _ = _step_setup(train_config.GROUPS_ALL)
-  graphdef = nnx.graphdef(LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
+def test_gradient_accumulation_equals_the_full_batch(tiny_model):
+  cfg, params, labels, tx, _ = _step_setup(tiny_model, train_config.GROUPS_ALL)
+  graphdef = tiny_model[0]
   batch = _tiny_batch(cfg, b=4)
   budget = np.zeros((4, cfg.num_layers), bool)
   budget[:, 1] = True
@@ -259,13 +278,9 @@ def test_default_command_trains_and_prints_the_eval_table(tmp_path):
   for label in ("CA-only", "SA{4}", "SA{1,4}"):
     assert label in out.stdout
   logged = {k: v for r in tf.read_metrics(str(tmp_path)) for k, v in r.items()}
-  assert {"eval/CA-only/tf_exact", "eval/SA_1_4/loss", "eval/SA_4/acc"} <= set(logged)
-  summary = eval_main.run(str(tmp_path), str(tmp_path / "again"), synthetic_split="validation",
-                          limit=8, batch_size=8, max_new_tokens=6, print_fn=lambda *_: None)
-  trained = {r["label"]: r for r in _eval_summary(str(tmp_path))["runs"]}
-  for r in summary["runs"]:  # one meaning of accuracy: the same numbers, sample by sample
-    assert r["overall"]["accuracy"] == trained[r["label"]]["overall"]["accuracy"]
-    assert r["per_group"] == trained[r["label"]]["per_group"]
+  assert {"eval/CA-only/tf_exact", "eval/SA_1_4/loss", "eval/SA_4/acc",
+          "eval/SA_4/acc_hard"} <= set(logged)
+  assert _eval_summary(str(tmp_path))["runs"][0]["n_scored"] == 8
   losses = tf.step_losses(str(tmp_path))
   first = np.mean([losses[s] for s in range(1, 11)])
   last = np.mean([losses[s] for s in range(51, 61)])

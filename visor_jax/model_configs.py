@@ -83,7 +83,26 @@ def small() -> ml_collections.ConfigDict:
       vision_aspect_ratio="anyres_max_4")
 
 
-MODELS = {"tiny": tiny, "small": small, "llava_ov_0_5b": llava_ov_0_5b, "llava_ov_7b": llava_ov_7b}
+def pages() -> ml_collections.ConfigDict:
+  """`small` re-shaped for the pages dataset (`data/pages.py`): one visual token per 14 px cell.
+
+  Crop = patch = 14 px, so the tower sees one patch per crop and every visual token is one
+  cell's local feature; AnyRes up to 8x8 crops with `anyres_max_64`, so a 112x112 page packs
+  as a pure gather (no down-sampling): 1 base + 64 cell + 8 newline = 73 visual tokens, and
+  vertically adjacent cells are 9 apart. The LLM is `small`'s (CA {0, 3}, SA candidates
+  {1, 4}): 3 x #CA = 6 < 9, so vertical relations are out of reach of the positional conv
+  chained through the CA layers and need an SA layer.
+  """
+  c = small()
+  c.vision.image_size = 14
+  c.vision.patch_size = 14
+  c.image_grid_pinpoints = pinpoints(14, 8)
+  c.vision_aspect_ratio = "anyres_max_64"
+  return c
+
+
+MODELS = {"tiny": tiny, "small": small, "pages": pages, "llava_ov_0_5b": llava_ov_0_5b,
+          "llava_ov_7b": llava_ov_7b}
 
 
 def get(name: str) -> ml_collections.ConfigDict:

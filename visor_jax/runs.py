@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 
 from visor_jax import checkpoints, config_lib, sharding
 from visor_jax.convert import hf_config, hf_import, torch_export
-from visor_jax.data import inputs, preprocess, synthetic
+from visor_jax.data import inputs, preprocess, sources
 from visor_jax.data.conversations import DEFAULT_SYSTEM_PROMPT
 from visor_jax.data.tokenizer import Tokenizer, build_tiny_tokenizer
 from visor_jax.models.llava_onevision import LlavaOnevision
@@ -228,7 +228,7 @@ def experiment_model_and_tokenizer(config: ml_collections.ConfigDict
   elif source is not None:
     tokenizer = source.tokenizer
   else:
-    tokenizer = build_tiny_tokenizer(synthetic.corpus(), vocab_size=300)
+    tokenizer = build_tiny_tokenizer(sources.corpus(config.data), vocab_size=300)
   if tokenizer.vocab_size > model.text.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size "
                      f"is {model.text.vocab_size}.")

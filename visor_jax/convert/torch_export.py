@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from typing import Any, Callable, Mapping
 
 import ml_collections

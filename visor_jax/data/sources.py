@@ -1,6 +1,6 @@
 """Where a run's records come from: `config.data` → a source per split, and its iterators.
 
-Two sources: the embedded synthetic dataset (built under the workdir on first use,
+Three sources: the embedded synthetic or pages dataset (built under the workdir on first use,
 deterministic, so every host may build its own copy) or LLaVA-format JSON. The trainer, router
 training and the evaluation entry point all read data through here, so they agree on which
 records a split holds.
@@ -12,10 +12,10 @@ import os
 import ml_collections
 
 from visor_jax.config_lib import ModelConfig
-from visor_jax.data import pipeline, synthetic
+from visor_jax.data import pages, pipeline, synthetic
 from visor_jax.data.tokenizer import Tokenizer
 
-SOURCES = ("synthetic", "json")
+SOURCES = ("synthetic", "pages", "json")
 
 
 def synthetic_dir(data: ml_collections.ConfigDict, workdir: str) -> str:
@@ -29,12 +29,40 @@ def synthetic_params(data: ml_collections.ConfigDict) -> dict:
               min_side=data.synthetic_min_side, max_side=data.synthetic_max_side)
 
 
+def pages_params(data: ml_collections.ConfigDict) -> dict:
+  """The generation parameters of the pages dataset a `config.data` describes (it shares
+  `synthetic_dir`, `synthetic_seed` and `synthetic_sizes`; builds never collide on disk)."""
+  return dict(seed=data.synthetic_seed, sizes=dict(data.synthetic_sizes),
+              grid=data.get("pages_grid", 8))
+
+
+# The embedded datasets: name → (module with build/records/corpus, its parameters' reader).
+EMBEDDED = {"synthetic": (synthetic, synthetic_params), "pages": (pages, pages_params)}
+
+
+def embedded(data: ml_collections.ConfigDict):
+  """(dataset module, generation parameters) of an embedded source; None for JSON."""
+  if data.get("source") not in EMBEDDED:
+    return None
+  module, params = EMBEDDED[data.source]
+  return module, params(data)
+
+
+def corpus(data: ml_collections.ConfigDict) -> list[str]:
+  """Text the embedded tokenizer is trained on: the run's embedded dataset's questions and
+  answers (so its answers are single tokens); the synthetic dataset's for other sources."""
+  found = embedded(data)
+  return (found[0] if found else synthetic).corpus()
+
+
 def source_for(data: ml_collections.ConfigDict, split: str, workdir: str):
   """The records of one split (None when a JSON run has no file for it)."""
-  if data.source == "synthetic":
-    directory, params = synthetic_dir(data, workdir), synthetic_params(data)
-    synthetic.build(directory, **params)  # a no-op when already built
-    return synthetic.records(split, directory, **params)
+  found = embedded(data)
+  if found is not None:
+    module, params = found
+    directory = synthetic_dir(data, workdir)
+    module.build(directory, **params)  # a no-op when already built
+    return module.records(split, directory, **params)
   if data.source == "json":
     path = data.json_path if split == "train" else data.eval_json_path
     return pipeline.JsonSource(path, data.image_root) if path else None

@@ -166,12 +166,15 @@ def items_from_synthetic(records: Iterable[dict], dataset: str = "synthetic") ->
 
 
 def synthetic_items(data_dir: str, split: str = "test", limit: int | None = None,
-                    **params) -> list[Item]:
-  """The built synthetic split (`params` as for `synthetic.records`) as items."""
-  from visor_jax.data import synthetic  # tensorflow_datasets: imported only when used
-  recs = synthetic.records(split, data_dir, **params)
+                    dataset: str = "synthetic", **params) -> list[Item]:
+  """A built embedded dataset's split as items: `dataset` names it ('synthetic' or 'pages',
+  `sources.EMBEDDED`), `params` are its generation parameters (as for its `records`)."""
+  from visor_jax.data import sources  # tensorflow_datasets: imported only when used
+  if dataset not in sources.EMBEDDED:
+    raise ValueError(f"dataset={dataset!r} is not one of {sorted(sources.EMBEDDED)}.")
+  recs = sources.EMBEDDED[dataset][0].records(split, data_dir, **params)
   n = len(recs) if limit is None else min(limit, len(recs))
-  return items_from_synthetic(recs[i] for i in range(n))
+  return items_from_synthetic((recs[i] for i in range(n)), dataset=dataset)
 
 
 # ---------------------------------------------------------------------------------------------

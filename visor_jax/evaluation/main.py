@@ -45,22 +45,24 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 # ---------------------------------------------------------------------------------------------
 # Items.
 
-def synthetic_params(run: runs.Run | None, overrides: dict | None = None) -> dict:
-  """Generation parameters of the synthetic dataset: the run's `data.synthetic_*` fields (so
-  the split matches what it trained on), then explicit overrides (None = not given)."""
+def _embedded_source(run: runs.Run | None) -> str | None:
+  """'synthetic' / 'pages' when the model is a run trained on that embedded dataset."""
   d = (run.config or {}).get("data") if run is not None else None
-  params = sources.synthetic_params(d) if d is not None and d.get("source") == "synthetic" \
-      else {}
+  return d.source if d is not None and d.get("source") in sources.EMBEDDED else None
+
+
+def synthetic_params(run: runs.Run | None, overrides: dict | None = None) -> dict:
+  """Generation parameters of the run's embedded dataset (its `data.synthetic_*` fields, so
+  the split matches what it trained on), then explicit overrides (None = not given)."""
+  source = _embedded_source(run)
+  params = sources.EMBEDDED[source][1](run.config.data) if source else {}
   params.update({k: v for k, v in (overrides or {}).items() if v is not None})
   return params
 
 
 def default_synthetic_dir(run: runs.Run) -> str | None:
-  """Where a synthetic training run keeps its dataset, when the model is such a run."""
-  d = (run.config or {}).get("data")
-  if d is None or d.get("source") != "synthetic":
-    return None
-  return sources.synthetic_dir(d, run.workdir)
+  """Where a run trained on an embedded dataset keeps it, when the model is such a run."""
+  return sources.synthetic_dir(run.config.data, run.workdir) if _embedded_source(run) else None
 
 
 def gather_items(run: runs.Run, *, questions: Sequence[str] = (),
@@ -81,6 +83,7 @@ def gather_items(run: runs.Run, *, questions: Sequence[str] = (),
                        "model is not a synthetic-data training run).")
   if synthetic_dir:
     items += harness.synthetic_items(synthetic_dir, split, limit=limit,
+                                     dataset=_embedded_source(run) or "synthetic",
                                      **synthetic_params(run, synthetic_overrides))
   if not items:
     raise ValueError("no usable items to evaluate (see the skipped-line warnings).")
@@ -94,9 +97,10 @@ def training_items(config, workdir: str) -> tuple[list[harness.Item], harness.Sk
   d, limit = config.data, config.eval_items
   if not limit:
     return [], harness.Skips()
-  if d.source == "synthetic":
+  found = sources.embedded(d)
+  if found is not None:
     return (harness.synthetic_items(sources.synthetic_dir(d, workdir), "validation",
-                                    limit=limit, **sources.synthetic_params(d)),
+                                    limit=limit, dataset=d.source, **found[1]),
             harness.Skips())
   if d.get("eval_questions"):
     items, skips = harness.load_questions(d.eval_questions, d.image_root or None)

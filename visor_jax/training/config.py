@@ -31,7 +31,7 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
   c.tokenizer = "synthetic"
 
   c.data = ml_collections.ConfigDict(dict(
-      source="synthetic",           # 'synthetic' | 'json'
+      source="synthetic",           # 'synthetic' | 'pages' | 'json'
       json_path="",                 # LLaVA-format .json/.jsonl (source='json')
       image_root="",                # image paths in the JSON are relative to this
       eval_json_path="",            # optional validation file for source='json'
@@ -43,6 +43,8 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
       synthetic_sizes=dict(train=1000, validation=96, test=96),
       synthetic_min_side=768,
       synthetic_max_side=1536,
+      pages_grid=8,                 # source='pages': cells per page side (data/pages.py);
+                                    # 8 matches model 'pages' (73 visual tokens)
       batch_size=8,                 # per host
       text_buckets=(128,),          # static text lengths; each batch uses one
       max_visual=0,                 # 0 → the model's largest AnyRes token count

@@ -167,7 +167,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_config.model = model_dict
   out_config.init_from = r.from_workdir
   data_dir = sources.synthetic_dir(run.data, universal.workdir)
-  if run.data.source == "synthetic" and not run.data.synthetic_dir and \
+  if run.data.source in sources.EMBEDDED and not run.data.synthetic_dir and \
       not os.path.exists(os.path.join(workdir, "synthetic_data")):
     shutil.copytree(data_dir, os.path.join(workdir, "synthetic_data"))  # evaluation finds it
   ckpt = checkpoints.Checkpointer(workdir, save_every=1, keep=1, async_save=False)

@@ -85,7 +85,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           accumulate, (zeros, 0.0, 0, 0), (micro, micro_budget))
       grads = jax.tree.map(lambda g: g / grad_accum, grads)
       loss = loss / grad_accum
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
