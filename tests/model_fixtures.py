@@ -19,3 +19,17 @@ def perturb_new_parts(model, seed: int = 1) -> None:
   o_proj.kernel[...] = jnp.asarray(rng.normal(0, 0.3, o_proj.kernel.shape), jnp.float32)
   pc = model.decoder.pos_conv
   pc.pointwise[...] = jnp.asarray(rng.normal(0, 0.3, pc.pointwise.shape), jnp.float32)
+
+
+def xla_check_config():
+  """The FLOPs cross-checks' model: matmul-dominated but quick to compile (width 256, head_dim
+  64, 400 visual tokens over 3 crops, 32 text tokens) and a one-layer SigLIP tower, because
+  XLA's cost analysis counts a scan body once. → (ModelConfig, shape kwargs)."""
+  from visor_jax import config_lib, model_configs
+  m = model_configs.tiny()
+  m.vision.update(dict(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024,
+                       num_layers=1, num_heads=4))
+  m.text.update(dict(vocab_size=2000, hidden_size=256, intermediate_size=1024, num_layers=6,
+                     num_heads=4, num_kv_heads=2, head_dim=64))
+  m.image_grid_pinpoints = model_configs.pinpoints(224, 3)
+  return config_lib.model_config(m), dict(num_crops=3, num_visual=400, num_text=32)

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import model_fixtures
+
 from visor_jax import budgets, config_lib, flops, model_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,15 +21,9 @@ def reduced():
 
   One SigLIP layer: XLA counts a scan body once (see test_xla_counts_a_scan_body_once).
   """
-  m = model_configs.tiny()
-  m.vision.update(dict(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024,
-                       num_layers=1, num_heads=4))
-  m.text.update(dict(vocab_size=2000, hidden_size=256, intermediate_size=1024, num_layers=6,
-                     num_heads=4, num_kv_heads=2, head_dim=64))
-  m.image_grid_pinpoints = model_configs.pinpoints(224, 3)
-  cfg = config_lib.model_config(m)
+  cfg, shape = model_fixtures.xla_check_config()
   assert cfg.visor.ca_layers == (0, 3) and cfg.visor.sa_candidates == (1, 4)
-  return cfg, dict(num_crops=3, num_visual=400, num_text=32)
+  return cfg, shape
 
 
 @pytest.fixture(scope="module")

@@ -203,6 +203,115 @@ def xla_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_
 
 
 # ---------------------------------------------------------------------------------------------
+# Token reduction (models/token_reduction.py): every layer at its kept visual-token count.
+
+def reduction_ranking_flops(cfg: ModelConfig, reduction, *, num_visual: int, num_text: int,
+                            kept: Sequence[int]) -> float:
+  """The ranking's own matmuls (what `token_reduction.reduced_forward` adds to the layers):
+
+    FastV        the ranking token's query in layer K-1 and its scores over that layer's keys
+                 (the keys are the layer's own, already counted)
+    PyramidDrop  per boundary b: one query, the keys of all S tokens with layer b's k_proj,
+                 one row of scores
+    VisionZip    layer 0's queries for the T text tokens, keys for all N + T tokens, T×S
+                 scores, their mean over the queries; then key similarity to the C contextual
+                 targets (N×C×head_dim) and the group sums (C×N×D)
+    VISOR-TR     none (pooling is additions: elementwise, not counted)
+  Sorting (top-k) is not arithmetic and is not counted.
+  """
+  from visor_jax.models import token_reduction as tr
+  t, method = cfg.text, reduction.method
+  d, h = t.hidden_size, t.head_dim
+  q, kv = t.num_heads * h, t.num_kv_heads * h
+  one_query = lambda s: _mm(1, d, q) + 2.0 * s * q   # projection + one row of QKᵀ
+  if method == "fastv":
+    return one_query(kept[reduction.layer - 1] + num_text)
+  if method == "pyramiddrop":
+    return sum(one_query(kept[b - 1] + num_text) + _mm(kept[b - 1] + num_text, d, kv)
+               for b in reduction.stage_layers(cfg.num_layers))
+  if method == "visionzip":
+    s = num_visual + num_text
+    c = tr.contextual_count(kept[0], num_visual, reduction.contextual)
+    return (_mm(num_text, d, q) + _mm(s, d, kv) + 2.0 * num_text * s * q + _mm(1, num_text, s)
+            + _mm(num_visual, h, c) + _mm(c, num_visual, d))
+  return 0.0
+
+
+def reduced_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_text: int,
+                          reduction, kept: Sequence[int] | None = None,
+                          sa_layers: Sequence[int] | None = None) -> dict[str, float]:
+  """Prefill FLOPs of one sample under a token `reduction`: `forward_flops`' keys, each LLM
+  layer counted at its kept visual-token count, plus 'ranking' (inside 'llm').
+
+  kept: valid visual tokens per layer (length L), e.g. a row of `reduced_forward`'s `kept`;
+  default: what the method promises (`token_reduction.kept_counts`; VISOR-TR needs it given, its
+  count depends on the rows). sa_layers: VISOR-TR's budget (default every layer); the peers run
+  on the all-SA base. The vision tower, projector and positional conv see all `num_visual`
+  tokens (every method reduces after them).
+  """
+  from visor_jax.models import token_reduction as tr
+  t, n_layers = cfg.text, cfg.num_layers
+  reduction.check(cfg)
+  if reduction.method != "visor_tr" and sa_layers is not None and \
+      sorted(int(i) for i in sa_layers) != list(range(n_layers)):
+    raise ValueError(f"{reduction.label}: the peers run on the all-SA base; sa_layers must be "
+                     "None or every layer.")
+  sa = set(range(n_layers)) if sa_layers is None else {int(i) for i in sa_layers}
+  if any(not 0 <= i < n_layers for i in sa):
+    raise ValueError(f"sa_layers: {sorted(sa)} has layers outside [0, {n_layers}).")
+  kept = (tr.kept_counts(cfg, reduction, num_visual) if kept is None
+          else [int(k) for k in kept])
+  if len(kept) != n_layers:
+    raise ValueError(f"kept: {len(kept)} counts for {n_layers} layers.")
+  out = dict(
+      vision=num_crops * vision_flops_per_crop(cfg),
+      projector=projector_flops(cfg, num_crops, num_visual),
+      llm_text=sum(qwen2_layer_flops(t, num_text) for l in range(n_layers) if l not in sa),
+      llm_sa=sum(qwen2_layer_flops(t, kept[l] + num_text) for l in sorted(sa)),
+      llm_ca=sum(cross_attention_flops(t, num_text, kept[l]) for l in cfg.visor.ca_layers
+                 if l not in sa),
+      pos_conv=pos_conv_flops(cfg, num_visual),
+      lm_head=_mm(num_text, t.hidden_size, t.vocab_size),
+      ranking=reduction_ranking_flops(cfg, reduction, num_visual=num_visual, num_text=num_text,
+                                      kept=kept),
+  )
+  out["llm"] = sum(out[k] for k in ("llm_text", "llm_sa", "llm_ca", "pos_conv", "lm_head",
+                                    "ranking"))
+  out["total"] = out["llm"] + out["vision"] + out["projector"]
+  return out
+
+
+def xla_reduced_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int,
+                              num_text: int, reduction, sa_layers: Sequence[int] | None = None,
+                              capacity: int | None = None) -> float:
+  """`cost_analysis()['flops']` of the jitted, gathered reduced forward (one sample, all its
+  tokens valid), like `xla_forward_flops` (depth-1 tower; the LLM is unrolled). VISOR-TR runs
+  at `sa_layers` (default every layer) with `capacity` visual slots (default
+  ceil(keep * num_visual)): compare with `reduced_forward_flops(..., kept=[capacity] * L)`."""
+  import jax
+  from flax import nnx
+
+  from visor_jax.models import token_reduction as tr
+  from visor_jax.models.llava_onevision import LlavaOnevision, abstract_inputs
+
+  if vision_depth(cfg) > 1:
+    raise ValueError(f"xla_reduced_forward_flops: the vision tower runs {vision_depth(cfg)} "
+                     "layers in a lax.scan (counted once by XLA); use a depth-1 tower.")
+  model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  budget = None
+  if reduction.method == "visor_tr":
+    budget = budgets.mask(cfg, range(cfg.num_layers) if sa_layers is None else sa_layers, 1)
+    capacity = capacity or tr.keep_count(num_visual, reduction.keep)
+  inputs = abstract_inputs(cfg, 1, num_text, num_crops, num_visual)
+  forward = jax.jit(lambda st, x: tr.reduced_forward(
+      nnx.merge(graphdef, st), x, reduction, budget, capacity=capacity, unroll=True).logits)
+  cost = forward.lower(state, inputs).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+# ---------------------------------------------------------------------------------------------
 # CLI table.
 
 def saving_table(cfg: ModelConfig, image_hw: tuple[int, int], num_text: int,

@@ -151,6 +151,31 @@ def answer_fn_factory(assistant: serving.Assistant, *, threshold: float | None =
   return make_answer_fn
 
 
+def evaluate_reductions(assistant: serving.Assistant, items: Sequence[harness.Item],
+                        out_dir: str, reductions: Sequence, *, skips: harness.Skips | None = None,
+                        batch_size: int = 8, max_new_tokens: int = 16) -> list[dict]:
+  """Token-reduction rows (`models.token_reduction`, e.g. "FastV 50%"): each reduction answers
+  every item (greedy, no KV cache: serving.Assistant._answer_reduced; VISOR-TR at the maximal
+  budget); writes results_<label>.json and returns `harness.run_eval` results of kind
+  'reduction' (not budgets: they stay out of feasible.json and the frontier)."""
+  results = []
+  for reduction in reductions:
+    def answer_fn(batch, reduction=reduction):
+      answers = assistant.answer([it.image for it in batch], [prompt_of(it) for it in batch],
+                                 reduction=reduction, max_new_tokens=max_new_tokens,
+                                 pad_to=batch_size)
+      return [(a.text, a.sa_layers, a.llm_flops, a.total_flops) for a in answers]
+    layers = (budgets_lib.resolve_one(assistant.cfg, "maximal")
+              if reduction.method == "visor_tr" else list(range(assistant.cfg.num_layers)))
+    r = harness.run_eval(items, answer_fn, label=reduction.label, sa_layers=layers,
+                         batch_size=batch_size, skips=skips)
+    r.update(kind="reduction", reduction={"method": reduction.method, "keep": reduction.keep})
+    harness.write_json(r, os.path.join(out_dir,
+                                       f"results_{budgets_lib.file_label(r['label'])}.json"))
+    results.append({k: v for k, v in r.items() if k != "samples"})
+  return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Table.
 
@@ -215,10 +240,11 @@ def scalars(summary: dict) -> dict[str, float]:
 def evaluate(model: runs.Run | serving.Assistant, items: Sequence[harness.Item], out_dir: str,
              *, layer_sets: budgets_lib.LayerSets, router: bool = False,
              threshold: float | None = None, skips: harness.Skips | None = None,
-             batch_size: int = 8, max_new_tokens: int = 16, print_fn: Callable = print
-             ) -> dict:
-  """Each fixed budget of `layer_sets` (+ the router) on `items`; writes the results under
-  `out_dir`, prints the table, returns `harness.run_suite`'s summary."""
+             batch_size: int = 8, max_new_tokens: int = 16, print_fn: Callable = print,
+             reductions: Sequence = ()) -> dict:
+  """Each fixed budget of `layer_sets` (+ the router, + the token `reductions` as extra rows)
+  on `items`; writes the results under `out_dir`, prints the table, returns
+  `harness.run_suite`'s summary."""
   assistant = model if isinstance(model, serving.Assistant) else serving.Assistant(model)
   use_router = router and assistant.has_router
   if router and not assistant.has_router:
@@ -230,6 +256,10 @@ def evaluate(model: runs.Run | serving.Assistant, items: Sequence[harness.Item],
                            batch_size=batch_size)
   summary = harness.run_suite(items, make, layer_sets, out_dir, router=use_router,
                               skips=skips, batch_size=batch_size)
+  if reductions:
+    summary["runs"] += evaluate_reductions(assistant, items, out_dir, reductions, skips=skips,
+                                           batch_size=batch_size, max_new_tokens=max_new_tokens)
+    harness.write_json(summary, os.path.join(out_dir, "summary.json"))
   print_fn(format_table(summary["runs"]))
   return summary
 
@@ -241,7 +271,8 @@ def run(model: str | serving.Assistant, out_dir: str, *, mode: str = "pareto",
         budgets: str | Sequence | None = None, router: bool = False,
         threshold: float | None = None, batch_size: int = 8, max_new_tokens: int = 16,
         max_candidates: int = 64, exhaustive_sizes: Sequence[int] = (0, 1, 2),
-        step: int | None = None, print_fn: Callable = print) -> dict:
+        step: int | None = None, print_fn: Callable = print,
+        reduction: str | Sequence | None = None) -> dict:
   """Evaluates `model` (any path `runs.load_run` reads, or a loaded Assistant) and writes the
   results under `out_dir`; returns `harness.run_suite`'s summary.
 
@@ -249,9 +280,13 @@ def run(model: str | serving.Assistant, out_dir: str, *, mode: str = "pareto",
   `synthetic_split` (default 'test') and/or the question files.
   search: every subset from `harness.candidate_subsets` (at most `max_candidates`) on
   `synthetic_split` (default 'validation'), no router; feasible.json is the frontier.
+  reduction (pareto only): token-reduction rows, 'fastv:0.5,visor_tr:0.5' or Reductions.
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r} is not one of {MODES}.")
+  reductions = _reductions(reduction)  # a bad --reduction fails before any loading
+  if reductions and mode == "search":
+    raise ValueError("--reduction adds rows to the pareto mode, not to the search.")
   assistant = model if isinstance(model, serving.Assistant) else serving.load(model, step=step)
   split = synthetic_split or ("validation" if mode == "search" else "test")
   items, skips = gather_items(assistant.run, questions=questions, image_root=image_root,
@@ -265,7 +300,8 @@ def run(model: str | serving.Assistant, out_dir: str, *, mode: str = "pareto",
     layer_sets = fixed_budgets(assistant.run, budgets)
   summary = evaluate(assistant, items, out_dir, layer_sets=layer_sets,
                      router=router and mode != "search", threshold=threshold, skips=skips,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, print_fn=print_fn)
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, print_fn=print_fn,
+                     reductions=reductions)
   if mode == "search" and "feasible" in summary:
     print_fn(format_frontier(summary["feasible"]))
   print_fn(f"wrote {os.path.abspath(out_dir)}/{{results_*.json, summary.json, feasible.json, "
@@ -300,6 +336,9 @@ def define_flags(fv) -> None:
   flags.DEFINE_string("budgets", None, "feasible.json, '[];[4];[1,4]', 'maximal', 'default' "
                       "(budgets.py); default: the router's feasible set, else 'default'.", **d)
   flags.DEFINE_bool("router", False, "Also evaluate the router (if the model has one).", **d)
+  flags.DEFINE_string("reduction", None, "Token-reduction rows (pareto mode), e.g. "
+                      "'fastv:0.5,pyramiddrop:0.5,visionzip:0.25,visor_tr:0.5' "
+                      "(models/token_reduction.py).", **d)
   flags.DEFINE_float("threshold", None, "Router cost knob (default: the model's).", **d)
   flags.DEFINE_integer("batch_size", 8, "Questions per generate call.", **d)
   flags.DEFINE_integer("max_new_tokens", 16, "Generated tokens at most.", **d)
@@ -318,6 +357,14 @@ def _sizes(text: str | None) -> dict | None:
         from None
 
 
+def _reductions(spec: str | Sequence | None) -> list:
+  """--reduction → Reductions (a list of Reductions passes through)."""
+  from visor_jax.models import token_reduction
+  if not spec:
+    return []
+  return token_reduction.parse(spec) if isinstance(spec, str) else list(spec)
+
+
 def kwargs_from_flags(fv) -> dict:
   """Parsed flags → `run(**kwargs)`."""
   for name in ("model", "out"):
@@ -332,7 +379,8 @@ def kwargs_from_flags(fv) -> dict:
       limit=fv.limit, budgets=fv.budgets, router=fv.router, threshold=fv.threshold,
       batch_size=fv.batch_size, max_new_tokens=fv.max_new_tokens,
       max_candidates=fv.max_candidates,
-      exhaustive_sizes=tuple(int(s) for s in fv.exhaustive_sizes), step=fv.step)
+      exhaustive_sizes=tuple(int(s) for s in fv.exhaustive_sizes), step=fv.step,
+      reduction=fv.reduction)
 
 
 def main(argv) -> None:

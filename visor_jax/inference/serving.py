@@ -83,6 +83,7 @@ class Assistant:
     self.model, self.cfg, self.tokenizer = run.build_model(), run.cfg, run.tokenizer
     self.spec, self.system_prompt = run.image_spec, run.system_prompt
     self.generator = Generator(self.model)
+    self._reduced_generator = None  # built on the first `answer(reduction=...)`
     self.stop_ids = [i for i in (run.tokenizer.im_end_id, run.tokenizer.eos_id) if i is not None]
 
   @property
@@ -127,18 +128,23 @@ class Assistant:
              sa_layers: Sequence[int] | str | None = None, threshold: float | None = None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
              system_prompt: str | None = None, seed: int = 0,
-             pad_to: int | None = None) -> list[Answer]:
+             pad_to: int | None = None, reduction=None) -> list[Answer]:
     """One answer per (image, question), generated as one batch (samples are grouped by
     budget inside `Generator`, so a cheap sample never pays for an expensive neighbour).
     `system_prompt=None` uses the training run's; '' means no system turn. `pad_to` pads the
     batch with copies of its first sample (answers dropped), so a short last batch of an
-    evaluation reuses the full batches' compiled programs instead of compiling new ones."""
+    evaluation reuses the full batches' compiled programs instead of compiling new ones.
+    `reduction` (a `models.token_reduction.Reduction`): see `_answer_reduced`."""
     if len(images) != len(questions):
       raise ValueError(f"{len(images)} images but {len(questions)} questions.")
     if not questions:
       return []
     samples = [inputs.build_sample(self.prompt_ids(q, system_prompt), [img], self.cfg,
                                    self.spec) for img, q in zip(images, questions)]
+    if reduction is not None:
+      return self._answer_reduced(samples, reduction, sa_layers=sa_layers, threshold=threshold,
+                                  max_new_tokens=max_new_tokens, temperature=temperature,
+                                  pad_to=pad_to)
     n = len(samples)
     padded = samples + samples[:1] * max(0, (pad_to or 0) - n)
     budget = self.budget_rows(sa_layers, threshold, len(padded))
@@ -148,6 +154,50 @@ class Assistant:
         stop_ids=self.stop_ids, seed=seed)
     return [self._answer(s, gen.tokens[i], gen.budget[i], int(gen.num_tokens[i]))
             for i, s in enumerate(samples)]
+
+  def _answer_reduced(self, samples: Sequence[inputs.Sample], reduction, *, sa_layers,
+                      threshold, max_new_tokens: int, temperature: float,
+                      pad_to: int | None) -> list[Answer]:
+    """Answers under a token reduction: greedy, without a KV cache (`inference.reduced`), the
+    peers on the all-SA base (`sa_layers` None or "all"), VISOR-TR at a fixed budget
+    (`sa_layers`; None → "maximal"; no router). FLOPs: `flops.reduced_forward_flops` at the
+    sample's own kept visual-token counts."""
+    from visor_jax.inference.reduced import ReducedGenerator
+    if temperature != 0.0 or threshold is not None:
+      raise ValueError("reduction: greedy answers at a fixed budget only (temperature 0, no "
+                       "threshold).")
+    if reduction.method == "visor_tr":
+      layers = budgets_lib.resolve_one(self.cfg, "maximal" if sa_layers is None else sa_layers,
+                                       "sa_layers")
+    elif sa_layers is None or sa_layers == "all":
+      layers = list(range(self.cfg.num_layers))
+    else:
+      raise ValueError(f"{reduction.label} runs on the all-SA base: sa_layers must be None or "
+                       f"'all', got {sa_layers!r}.")
+    padded = list(samples) + list(samples[:1]) * max(0, (pad_to or 0) - len(samples))
+    text = max(len(s.tokens) for s in padded) + max_new_tokens
+    batch = self._collate(padded)  # the cached path's visual / crop padding; room to grow:
+    batch = inputs.collate(padded, text_len=_round_up(text, PAD_TEXT),
+                           num_visual=batch["vis_valid"].shape[1],
+                           num_crops=batch["pixels"].shape[1])
+    budget = (budgets_lib.mask(self.cfg, layers, len(padded))
+              if reduction.method == "visor_tr" else None)
+    if self._reduced_generator is None:
+      self._reduced_generator = ReducedGenerator(self.model)
+    gen = self._reduced_generator.generate(batch, reduction, budget,
+                                           max_new_tokens=max_new_tokens,
+                                           stop_ids=self.stop_ids)
+    answers = []
+    for i, s in enumerate(samples):
+      ids = [int(t) for t in gen.tokens[i] if t >= 0 and t not in self.stop_ids]
+      f = flops.reduced_forward_flops(self.cfg, num_crops=len(s.pixels),
+                                      num_visual=s.num_visual_tokens, num_text=len(s.tokens),
+                                      reduction=reduction, kept=gen.kept[i], sa_layers=layers)
+      answers.append(Answer(text=self.tokenizer.decode(ids).strip(), sa_layers=layers,
+                            llm_flops=float(f["llm"]), total_flops=float(f["total"]),
+                            num_visual=s.num_visual_tokens, num_crops=len(s.pixels),
+                            num_text=len(s.tokens), num_generated=int(gen.num_tokens[i])))
+    return answers
 
   def _collate(self, samples: Sequence[inputs.Sample]) -> dict[str, np.ndarray]:
     """Pads to bucketed sizes (crops never beyond the model's maximum: padding crops still
