@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
 
 import numpy as np
@@ -431,29 +430,13 @@ def make_config(seed=0, sizes=None, grid=8, permute_rows=False) -> PagesConfig:
                      grid=int(grid), permute_rows=bool(permute_rows))
 
 
-class VisorPagesVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
   """Pages of 14 px cells with coarse / fine / control / interaction questions."""
   VERSION = tfds.core.Version("1.0.0")  # bump whenever generated content changes
 
-  def _info(self):
-    text = tfds.features.Text()
-    return tfds.core.DatasetInfo(
-        builder=self, description=__doc__, disable_shuffling=True,  # order = index
-        features=tfds.features.FeaturesDict({
-            "id": text, "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-            "conversations": text, "family": text, "kind": text, "answer": text}))
-
-  def _split_generators(self, dl_manager):
-    return {s: self._generate_examples(s) for s, n in self.builder_config.sizes if n > 0}
-
-  def _generate_examples(self, split):
+  def _record(self, split, index):
     c = self.builder_config
-    for i in range(dict(c.sizes)[split]):
-      record, _ = generate_example(c.seed, split, i, c.grid, c.permute_rows)
-      yield i, {**record, "conversations": json.dumps(record["conversations"])}
-
-  def _example_writer(self):
-    return synthetic._CanonicalWriter(file_format=self.info.file_format)
+    return generate_example(c.seed, split, index, c.grid, c.permute_rows)[0]
 
 
 def _builder(data_dir, **params) -> VisorPagesVqa:

@@ -300,9 +300,13 @@ class _CanonicalWriter(tfds_writer.ExampleWriter):
     return super().write(path, canonical)
 
 
-class VisorSyntheticVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Synthetic easy/hard VQA over high-resolution rendered scenes."""
-  VERSION = tfds.core.Version("1.0.0")  # bump whenever generated content changes
+class RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """The storage shared by the embedded datasets: records {id, image (PNG bytes),
+  conversations, family, kind, answer}, canonically serialised, in index order. A subclass
+  sets VERSION and `_record(split, index)`."""
+
+  def _record(self, split: str, index: int) -> dict:
+    raise NotImplementedError
 
   def _info(self):
     text = tfds.features.Text()
@@ -316,13 +320,21 @@ class VisorSyntheticVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     return {s: self._generate_examples(s) for s, n in self.builder_config.sizes if n > 0}
 
   def _generate_examples(self, split):
-    c = self.builder_config
-    for i in range(dict(c.sizes)[split]):
-      record, _ = generate_example(c.seed, split, i, c.min_side, c.max_side)
+    for i in range(dict(self.builder_config.sizes)[split]):
+      record = self._record(split, i)
       yield i, {**record, "conversations": json.dumps(record["conversations"])}
 
   def _example_writer(self):
     return _CanonicalWriter(file_format=self.info.file_format)
+
+
+class VisorSyntheticVqa(RecordsBuilder, skip_registration=True):
+  """Synthetic easy/hard VQA over high-resolution rendered scenes."""
+  VERSION = tfds.core.Version("1.0.0")  # bump whenever generated content changes
+
+  def _record(self, split, index):
+    c = self.builder_config
+    return generate_example(c.seed, split, index, c.min_side, c.max_side)[0]
 
 
 def _builder(data_dir, **params) -> VisorSyntheticVqa:

@@ -175,11 +175,7 @@ class Assistant:
       raise ValueError(f"{reduction.label} runs on the all-SA base: sa_layers must be None or "
                        f"'all', got {sa_layers!r}.")
     padded = list(samples) + list(samples[:1]) * max(0, (pad_to or 0) - len(samples))
-    text = max(len(s.tokens) for s in padded) + max_new_tokens
-    batch = self._collate(padded)  # the cached path's visual / crop padding; room to grow:
-    batch = inputs.collate(padded, text_len=_round_up(text, PAD_TEXT),
-                           num_visual=batch["vis_valid"].shape[1],
-                           num_crops=batch["pixels"].shape[1])
+    batch = self._collate(padded, extra_text=max_new_tokens)  # room for the answer
     budget = (budgets_lib.mask(self.cfg, layers, len(padded))
               if reduction.method == "visor_tr" else None)
     if self._reduced_generator is None:
@@ -199,10 +195,11 @@ class Assistant:
                             num_text=len(s.tokens), num_generated=int(gen.num_tokens[i])))
     return answers
 
-  def _collate(self, samples: Sequence[inputs.Sample]) -> dict[str, np.ndarray]:
+  def _collate(self, samples: Sequence[inputs.Sample], extra_text: int = 0
+               ) -> dict[str, np.ndarray]:
     """Pads to bucketed sizes (crops never beyond the model's maximum: padding crops still
-    run through the vision tower)."""
-    text = max(len(s.tokens) for s in samples)
+    run through the vision tower); `extra_text` leaves room for tokens appended later."""
+    text = max(len(s.tokens) for s in samples) + extra_text
     visual = max(s.num_visual_tokens for s in samples)
     crops = max(len(s.pixels) for s in samples)
     crops = max(crops, min(_round_up(crops, PAD_CROPS), self.cfg.max_num_crops_per_image))
