@@ -135,3 +135,14 @@ def test_score_dispatch():
                             "multiple_choice"}
   with pytest.raises(ValueError, match="unknown metric"):
     m.score("bleu", "a", ["a"])
+
+
+def test_wilson_interval_known_values():
+  # Reference values from the closed form (Wilson 1927), z = 1.96.
+  lo, hi = m.wilson_interval(50, 100)
+  assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+  lo, hi = m.wilson_interval(0, 20)      # never below 0, and not degenerate at p = 0
+  assert lo == 0.0 and abs(hi - 0.1611) < 1e-3
+  lo, hi = m.wilson_interval(20, 20)
+  assert hi == 1.0 and abs(lo - 0.8389) < 1e-3
+  assert all(x != x for x in m.wilson_interval(0, 0))

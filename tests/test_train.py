@@ -1,6 +1,7 @@
 """The trainer end to end: resume exactness, preemption, sharding, budgets, freezing, NaN."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -279,7 +280,10 @@ def test_default_command_trains_and_prints_the_eval_table(tmp_path):
     assert label in out.stdout
   logged = {k: v for r in tf.read_metrics(str(tmp_path)) for k, v in r.items()}
   assert {"eval/CA-only/tf_exact", "eval/SA_1_4/loss", "eval/SA_4/acc",
-          "eval/SA_4/acc_hard"} <= set(logged)
+          "eval/SA_4/acc_hard", "eval/CA-only/tf_exact/hard"} <= set(logged)
+  # Per-family accuracy with its 95% interval, and each column's n.
+  assert re.search(r"SA\{4\} +\d\.\d\d \[\d\.\d\d,\d\.\d\d\]", out.stdout), out.stdout
+  assert re.search(r"^n: all 8, easy \d+, hard \d+$", out.stdout, re.M), out.stdout
   assert _eval_summary(str(tmp_path))["runs"][0]["n_scored"] == 8
   losses = tf.step_losses(str(tmp_path))
   first = np.mean([losses[s] for s in range(1, 11)])

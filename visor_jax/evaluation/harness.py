@@ -230,11 +230,14 @@ def answer_and_score(items: Sequence[Item], answer_fn: Callable, *, batch_size: 
 
 
 def summarize(records: Sequence[dict]) -> dict:
-  """Accuracy (mean score), mean FLOPs per sample, mean #SA layers, budget histogram."""
+  """Accuracy (mean score) with its 95% Wilson interval (acc_lo, acc_hi), mean FLOPs per
+  sample, mean #SA layers, budget histogram."""
   n = len(records)
   mean = lambda key: float(np.mean([r[key] for r in records])) if n else float("nan")
   hist = collections.Counter(r["budget"] for r in records)
-  return {"n": n, "accuracy": mean("score"), "mean_llm_flops": mean("llm_flops"),
+  lo, hi = eval_metrics.wilson_interval(sum(r["score"] for r in records), n)
+  return {"n": n, "accuracy": mean("score"), "acc_lo": lo, "acc_hi": hi,
+          "mean_llm_flops": mean("llm_flops"),
           "mean_total_flops": mean("total_flops"),
           "mean_sa_layers": float(np.mean([len(r["sa_layers"]) for r in records])) if n
           else float("nan"),
@@ -349,6 +352,12 @@ def plot_pareto(results: Sequence[dict], path: str | os.PathLike, *, x: str = "b
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8, loc="best")
   fig.suptitle(title or "accuracy vs FLOPs")
+  return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> str:
+  """Writes a matplotlib figure as a PNG (creating its directory) and closes it."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -185,22 +185,28 @@ def _columns(runs_: Sequence[dict]) -> list[str]:
 
 
 def format_table(runs_: Sequence[dict]) -> str:
-  """Budget | n | accuracy overall and per question group | mean LLM / total GFLOPs | mean
-  #SA; the router's budget histogram below."""
+  """Budget | accuracy [95% interval] overall and per question group | mean LLM / total
+  GFLOPs | mean #SA; the n of each column and the router's budget histogram below."""
   if not runs_:
     return "(no runs)"
   names = _columns(runs_)
-  fmt = lambda x: "   nan" if x is None or x != x else f"{x:6.3f}"
-  head = (f"{'budget':<16} {'n':>5} {'acc':>6} " + " ".join(f"{n[:8]:>8}" for n in names)
+  def fmt(s):
+    if s is None or s["n"] == 0:
+      return f"{'-':>15}"
+    return f"{s['accuracy']:.2f} [{s['acc_lo']:.2f},{s['acc_hi']:.2f}]"
+  head = (f"{'budget':<16} {'all':>15} " + " ".join(f"{n[:15]:>15}" for n in names)
           + f" {'LLM GFLOPs':>11} {'total GFLOPs':>13} {'#SA':>5}")
-  lines = ["accuracy of generated answers (evaluation/metrics.py), prefill FLOPs per sample",
-           head, "-" * len(head)]
+  lines = ["accuracy of generated answers (evaluation/metrics.py) [95% Wilson interval], "
+           "prefill FLOPs per sample", head, "-" * len(head)]
   for r in runs_:
     o, by = r["overall"], r["per_group"]
-    accs = " ".join(f"{fmt(by[n]['accuracy']) if n in by else '   nan':>8}" for n in names)
-    lines.append(f"{r['label']:<16} {o['n']:5d} {fmt(o['accuracy'])} {accs} "
+    accs = " ".join(fmt(by.get(n)) for n in names)
+    lines.append(f"{r['label']:<16} {fmt(o)} {accs} "
                  f"{o['mean_llm_flops'] / 1e9:11.4g} {o['mean_total_flops'] / 1e9:13.4g} "
                  f"{o['mean_sa_layers']:5.2f}")
+  o, by = runs_[0]["overall"], runs_[0]["per_group"]
+  lines.append("n: " + ", ".join([f"all {o['n']}"] + [f"{n} {by[n]['n']}" for n in names
+                                                       if n in by]))
   for r in runs_:
     if r["kind"] == "router":
       hist = ", ".join(f"{b}: {c}" for b, c in r["overall"]["budget_histogram"].items())

@@ -305,3 +305,16 @@ def score(metric_name: str, prediction: str, references: Sequence[str] | str, *,
   if metric_name == "multiple_choice":
     return multiple_choice(prediction, refs, choices)
   return METRICS[metric_name](prediction, refs)
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """The 95% Wilson score interval of a proportion (successes / n): sound near 0 and 1 and for
+  small n, where the normal approximation is not; (nan, nan) for n = 0. Scores in [0, 1] that
+  are not 0/1 (VQA accuracy, ANLS) are summed as fractional successes."""
+  if n <= 0:
+    return float("nan"), float("nan")
+  p = successes / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
+

@@ -116,21 +116,30 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
 
 def teacher_forced_eval(eval_step: Callable, params, batches: list[dict],
                         layer_sets: list[list[int]], cfg, mesh) -> dict:
-  """{budget label: {'tf_exact', 'loss', 'n'}} over `batches`: training metrics, not the
-  accuracy (that is the evaluation harness's, on generated answers)."""
+  """{budget label: {'tf_exact', 'loss', 'n', 'tf_exact/<group>'...}} over `batches`: training
+  metrics, not the accuracy (that is the evaluation harness's, on generated answers). The
+  per-group rows (the batch's host-side `group`, e.g. a pages family) show which question
+  family a run has learned while it trains."""
   results = {}
   for layers in layer_sets:
-    exact, losses = [], []
+    exact, groups, losses = [], [], []
     for batch in batches:
       mask = budgets_lib.mask(cfg, layers, batch["tokens"].shape[0])
       out = jax.device_get(eval_step(params, sharding.to_global(batch, mesh,
                                                                 pipeline.HOST_FIELDS), mask))
-      exact.append(np.asarray(out["tf_exact"])[np.asarray(out["has_target"])])
+      has = np.asarray(out["has_target"])
+      exact.append(np.asarray(out["tf_exact"])[has])
+      group = batch.get("group")
+      groups.append(np.asarray(group, object)[has] if group is not None
+                    else np.full(int(has.sum()), None, object))
       losses.append(float(out["loss"]))
     exact = np.concatenate(exact) if exact else np.zeros(0, bool)
-    results[budgets_lib.label(layers)] = {
-        "tf_exact": float(exact.mean()) if len(exact) else float("nan"),
-        "loss": float(np.mean(losses)) if losses else float("nan"), "n": int(len(exact))}
+    groups = np.concatenate(groups) if groups else np.zeros(0, object)
+    r = {"tf_exact": float(exact.mean()) if len(exact) else float("nan"),
+         "loss": float(np.mean(losses)) if losses else float("nan"), "n": int(len(exact))}
+    for g in sorted({g for g in groups if g}):
+      r[f"tf_exact/{g}"] = float(exact[groups == g].mean())
+    results[budgets_lib.label(layers)] = r
   return results
 
 

@@ -86,8 +86,9 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   # ---------------------------------------------------------------- data
   model_dict, tokenizer = runs.experiment_model_and_tokenizer(config)
   cfg = config_lib.model_config(model_dict)
-  layer_sets = budgets_lib.resolve(config.budgets, cfg, "budgets")  # checked before compiling
-  eval_sets = (budgets_lib.resolve(config.eval_budgets, cfg, "eval_budgets")
+  # Checked before compiling; 'all' (every layer SA: the LLaVA-OV base) is a valid budget.
+  layer_sets = budgets_lib.resolve(config.budgets, cfg, "budgets", allow_all=True)
+  eval_sets = (budgets_lib.resolve(config.eval_budgets, cfg, "eval_budgets", allow_all=True)
                if config.eval_budgets else layer_sets)
   train_iter = sources.train_iterator(config, cfg, tokenizer, workdir)
   eval_batches = sources.eval_batches(config, cfg, tokenizer, workdir)
