@@ -253,9 +253,39 @@ def test_corpus_covers_text_and_answers_are_single_tokens(built):
   for split in pages.SPLITS:
     for r in _split(a, split) + _split(a, split, permute_rows=True):
       assert _question(r) in corpus and r["answer"] in corpus
-  tok = build_tiny_tokenizer(pages.corpus(), vocab_size=300)
+  tok = build_tiny_tokenizer(pages.corpus(), vocab_size=model_configs.pages().image_token_id)
   answers = [*pages.PAGE_COLOURS, "yes", "no", *(str(d) for d in range(10))]
   assert all(len(tok.encode(x)) == 1 for x in answers)
+  # Every word of every question is one token too (a question is ~8 tokens, not ~20).
+  for q in corpus:
+    if q.endswith("?") or q == pages.READ_QUESTION:
+      assert len(tok.encode(q)) == len(q.split()) + 1, q  # the words and the final mark
+
+
+def test_train_turns_are_well_posed_and_read_back_from_pixels():
+  """Extra question turns and the "Read the page." turn (train split only): every answer is
+  the one the pixels give; the first question turn is exactly the evaluation format."""
+  for i in range(12):
+    plain, _ = pages.generate_example(0, "train", i, grid=6)
+    rec, view = pages.generate_example(0, "train", i, grid=6, read_turn=True, turns=5)
+    page, grid = decode(rec["image"])
+    turns = rec["conversations"]
+    if i % 2 == 0:   # the read turn opens even records, then the original question
+      assert turns[0]["value"] == "<image>\n" + pages.READ_QUESTION
+      rows = [r.replace("\n", "") for r in turns[1]["value"].split("\n")]
+      assert rows == ["".join(v if k == "digit" else "-" for k, v, _ in row) for row in grid]
+      assert turns[2]["value"] == plain["conversations"][0]["value"].removeprefix("<image>\n")
+      turns = turns[2:]
+    else:
+      assert turns[:2] == plain["conversations"]
+    assert len(turns) == 2 * 5 and rec["answer"] == turns[1]["value"]
+    questions = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
+    assert len(set(questions)) == len(questions)
+    for q, a in zip(questions, turns[1::2]):
+      assert a["value"] == read_answer(q, page, grid), q
+  # Evaluation splits never get either.
+  rec, _ = pages.generate_example(0, "validation", 0, grid=6, read_turn=True, turns=5)
+  assert len(rec["conversations"]) == 2
 
 
 def test_record_contract(built):
@@ -325,4 +355,5 @@ def test_source_and_harness_read_pages(tmp_path):
   assert items[0].answers == (recs[0]["answer"],) and items[0].tags[0] == recs[0]["family"]
   assert sources.pages_params(ml_collections.ConfigDict(dict(
       synthetic_seed=1, synthetic_sizes=dict(train=1, validation=1, test=1)))) == dict(
-          seed=1, sizes=dict(train=1, validation=1, test=1), grid=8)
+          seed=1, sizes=dict(train=1, validation=1, test=1), grid=8, read_turn=False,
+          turns=1)

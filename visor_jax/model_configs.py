@@ -94,6 +94,7 @@ def pages() -> ml_collections.ConfigDict:
   chained through the CA layers and need an SA layer.
   """
   c = small()
+  c.text.vocab_size, c.image_token_id = 400, 392  # 392 learned ids: every word one token
   c.vision.image_size = 14
   c.vision.patch_size = 14
   c.image_grid_pinpoints = pinpoints(14, 8)

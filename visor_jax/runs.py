@@ -228,7 +228,8 @@ def experiment_model_and_tokenizer(config: ml_collections.ConfigDict
   elif source is not None:
     tokenizer = source.tokenizer
   else:
-    tokenizer = build_tiny_tokenizer(sources.corpus(config.data), vocab_size=300)
+    tokenizer = build_tiny_tokenizer(sources.corpus(config.data),
+                                     vocab_size=model.image_token_id)
   if tokenizer.vocab_size > model.text.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size "
                      f"is {model.text.vocab_size}.")

@@ -368,8 +368,73 @@ def visual_token(grid: int, cell) -> int:
   return 1 + cell[0] * (grid + 1) + cell[1]
 
 
-def make_example(spec: dict, permute_rows: bool = False):
-  """Pure: spec -> (record, view). `view` is the rendered layout with its answer cell."""
+READ_QUESTION = "Read the page."
+_TURNS_TAG = 0x7A25  # salts the extra-turn stream apart from the page's
+
+
+def well_posed_questions(layout) -> dict[str, list[dict]]:
+  """{family: every question with one answer on this layout} (has_block: the block colours,
+  and as many absent colours)."""
+  blocks = sorted({cell[2] for row in layout for cell in row if cell[0] == "block"})
+  absent = [c for c in COLOURS if c not in blocks][:max(1, len(blocks))]
+  out = {"coarse": [{"family": "coarse", "kind": "page_colour"},
+                    {"family": "coarse", "kind": "count_blocks"}]
+         + [{"family": "coarse", "kind": "has_block", "colour": c} for c in blocks + absent],
+         "fine": [], "control": [], "interaction": []}
+  for row in layout:
+    for kind, value, colour in row:
+      if kind == "digit" and colour != "white":
+        out["fine"].append({"family": "fine", "kind": "colour_digit", "colour": colour})
+      if kind == "marker":
+        for family in ("control", "interaction"):
+          for rel in FAMILY_KINDS[family]:
+            q = {"family": family, "kind": rel, "shape": value, "colour": colour}
+            try:
+              answer_cell(layout, q)
+            except ValueError:
+              continue
+            out[family].append(q)
+  return out
+
+
+def extra_turns(seed, split, index, page, layout, question, n) -> list[dict]:
+  """`n` more questions on the same page, families in rotation (starting after the main
+  question's), each family's question drawn from its well-posed ones, none repeated."""
+  rng = np.random.default_rng([seed, SPLITS.index(split), index, _TURNS_TAG])
+  pool = well_posed_questions(layout)
+  asked = [question]
+  start = FAMILIES.index(question["family"])
+  for i in range(1, 4 * n + 1):
+    if len(asked) > n:
+      break
+    options = [q for q in pool[FAMILIES[(start + i) % len(FAMILIES)]] if q not in asked]
+    if options:
+      asked.append(options[int(rng.integers(len(options)))])
+  out = []
+  for q in asked[1:]:
+    out += [{"from": "human", "value": question_text(q)},
+            {"from": "gpt", "value": answer(page, layout, q)}]
+  return out
+
+
+def reading(layout) -> str:
+  """The page read out cell by cell, one token each: its digit, or '-' for a marker or a block
+  cell; rows end with a newline, as the visual rows do."""
+  return "\n".join("".join(cell[1] if cell[0] == "digit" else "-" for cell in row)
+                   for row in layout)
+
+
+def make_example(spec: dict, permute_rows: bool = False, read_turn: bool = False,
+                 extra: list | None = None):
+  """Pure: spec -> (record, view). `view` is the rendered layout with its answer cell.
+
+  `read_turn` puts a first turn before the question: "Read the page." answered by `reading`.
+  It supervises every cell at once, in order, so the LLM learns to read visual tokens (a
+  positional lookup at a fixed offset, easy under RoPE) before it can learn to find one by
+  content: without it the models here never left chance on digit questions
+  (docs/pages_dataset.md, "gate"). After the question it is not learnable in the same time
+  (the offset then varies with the question's length).
+  """
   layout = spec["layout"]
   if permute_rows:
     layout = [layout[r] for r in spec["rows"]]
@@ -382,14 +447,31 @@ def make_example(spec: dict, permute_rows: bool = False):
             "conversations": [{"from": "human", "value": "<image>\n" + question_text(question)},
                               {"from": "gpt", "value": ans}],
             "family": question["family"], "kind": question["kind"], "answer": ans}
+  if extra:
+    record["conversations"] += extra
+  if read_turn:
+    qa = record["conversations"]
+    record["conversations"] = [{"from": "human", "value": "<image>\n" + READ_QUESTION},
+                               {"from": "gpt", "value": reading(layout)},
+                               {"from": "human", "value": qa[0]["value"][len("<image>\n"):]},
+                               *qa[1:]]
   view = {**spec, "layout": layout, "permuted": bool(permute_rows), "answer_cell": cell,
           "answer_token": None if cell is None else visual_token(spec["grid"], cell)}
   return record, view
 
 
-def generate_example(seed: int, split: str, index: int, grid: int = 8, permute_rows: bool = False):
-  """The (record, view) stored at `split[index]`; the permuted variant keeps the same id."""
-  record, view = make_example(generate_spec(seed, split, index, grid), permute_rows)
+def generate_example(seed: int, split: str, index: int, grid: int = 8, permute_rows: bool = False,
+                     read_turn: bool = False, turns: int = 1):
+  """The (record, view) stored at `split[index]`; the permuted variant keeps the same id.
+  `read_turn` applies to every other train example (even indices): the others are asked as at
+  evaluation, the question alone."""
+  spec = generate_spec(seed, split, index, grid)
+  extra = None
+  if split == "train" and turns > 1:
+    layout = [spec["layout"][r] for r in spec["rows"]] if permute_rows else spec["layout"]
+    extra = extra_turns(seed, split, index, spec["page"], layout, spec["question"], turns - 1)
+  record, view = make_example(spec, permute_rows,
+                              read_turn and split == "train" and index % 2 == 0, extra)
   record["id"] = f"{split}-{index:06d}"
   return record, view
 
@@ -400,11 +482,15 @@ def corpus() -> list[str]:
   Answers are repeated so that a 300-id byte-level BPE learns each as one token (questions,
   being many, would otherwise take every merge).
   """
-  out = [QUESTIONS["page_colour"], QUESTIONS["count_blocks"]]
+  out = [QUESTIONS["page_colour"], QUESTIONS["count_blocks"], READ_QUESTION]
   out += [QUESTIONS[k].format(colour=c) for k in ("has_block", "colour_digit") for c in COLOURS]
   out += [QUESTIONS[k].format(colour=c, shape=s) for k in STEP for c in COLOURS for s in SHAPES]
   answers = list(PAGE_COLOURS) + ["yes", "no"] + [str(i) for i in range(10)]
-  return out + answers * 64 + ["<image>"]
+  # Every word, and the chat template's role names, repeated likewise: with the `pages`
+  # model's 392 learned ids each becomes one token, so a question is ~10 tokens, not ~20.
+  words = sorted({w for s in out for w in s.replace("?", " ").replace(".", " ").split()})
+  template = "<|im_start|>user\n<|im_start|>assistant\n<|im_end|>\n"
+  return out + answers * 256 + [" ".join(words)] * 64 + [template] * 64 + ["<image>"]
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -417,17 +503,22 @@ class PagesConfig(tfds.core.BuilderConfig):
   sizes: tuple = ()  # ((split, n), ...)
   grid: int = 8
   permute_rows: bool = False
+  read_turn: bool = False
+  turns: int = 1
 
 
-def make_config(seed=0, sizes=None, grid=8, permute_rows=False) -> PagesConfig:
+def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
+                turns=1) -> PagesConfig:
   sizes = {**DEFAULT_SIZES, **(sizes or {})}
   if set(sizes) != set(SPLITS) or min(sizes.values()) < 0:
     raise ValueError(f"sizes must give counts >= 0 for splits {SPLITS}, got {sizes}")
   _check_grid(int(grid))
   name = (f"seed{seed}-" + "-".join(f"{s}{sizes[s]}" for s in SPLITS) + f"-grid{grid}"
-          + ("-permuted" if permute_rows else ""))
+          + ("-permuted" if permute_rows else "") + ("-read" if read_turn else "")
+          + (f"-turns{turns}" if turns > 1 else ""))
   return PagesConfig(name=name, seed=int(seed), sizes=tuple((s, int(sizes[s])) for s in SPLITS),
-                     grid=int(grid), permute_rows=bool(permute_rows))
+                     grid=int(grid), permute_rows=bool(permute_rows), read_turn=bool(read_turn),
+                     turns=int(turns))
 
 
 class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
@@ -436,7 +527,8 @@ class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
 
   def _record(self, split, index):
     c = self.builder_config
-    return generate_example(c.seed, split, index, c.grid, c.permute_rows)[0]
+    return generate_example(c.seed, split, index, c.grid, c.permute_rows, c.read_turn,
+                            c.turns)[0]
 
 
 def _builder(data_dir, **params) -> VisorPagesVqa:
@@ -444,18 +536,22 @@ def _builder(data_dir, **params) -> VisorPagesVqa:
                        file_format="array_record")
 
 
-def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False) -> str:
+def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
+          turns=1) -> str:
   """Builds the dataset under `data_dir` unless present (idempotent); returns `data_dir`."""
-  builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows)
+  builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
+                     read_turn=read_turn, turns=turns)
   if not builder.is_prepared():  # nothing to download; never ask GCS for a prebuilt copy
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return os.fspath(data_dir)
 
 
-def records(split, data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False) -> Records:
+def records(split, data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False,
+            read_turn=False, turns=1) -> Records:
   """The built `split` (same parameters as `build`); raises if it was never built."""
-  builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows)
+  builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
+                     read_turn=read_turn, turns=turns)
   if not builder.is_prepared():
     raise FileNotFoundError(f"{builder.data_dir} is not built; call pages.build() first")
   return Records(builder.as_data_source(split=split))

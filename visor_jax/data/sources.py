@@ -33,7 +33,8 @@ def pages_params(data: ml_collections.ConfigDict) -> dict:
   """The generation parameters of the pages dataset a `config.data` describes (it shares
   `synthetic_dir`, `synthetic_seed` and `synthetic_sizes`; builds never collide on disk)."""
   return dict(seed=data.synthetic_seed, sizes=dict(data.synthetic_sizes),
-              grid=data.get("pages_grid", 8))
+              grid=data.get("pages_grid", 8), read_turn=data.get("pages_read_turn", False),
+              turns=data.get("pages_turns", 1))
 
 
 # The embedded datasets: name → (module with build/records/corpus, its parameters' reader).
