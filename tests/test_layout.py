@@ -1,6 +1,6 @@
 """The package's layers, and that imports run one way: downwards.
 
-  6  entry points   main, export, benchmarks/
+  6  entry points   main, export, benchmarks/, reproduce
   5  training/      the trainer, its config, steps, optimizer, metrics, router training
   4  evaluation/    harness, metrics, entry point
   3  inference/     generation, serving
@@ -21,7 +21,7 @@ LAYERS = {
     "config_lib": 0, "model_configs": 0, "budgets": 0, "sharding": 0, "checkpoints": 0,
     "models": 1, "data": 1, "convert": 1, "flops": 1,
     "runs": 2, "inference": 3, "evaluation": 4, "training": 5,
-    "main": 6, "export": 6, "benchmarks": 6,
+    "main": 6, "export": 6, "benchmarks": 6, "reproduce": 6,
 }
 
 

@@ -45,6 +45,10 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
       synthetic_max_side=1536,
       pages_grid=8,                 # source='pages': cells per page side (data/pages.py);
                                     # 8 matches model 'pages' (73 visual tokens)
+      pages_read_turn=False,        # source='pages': half the train records start with
+                                    # "Read the page." (every cell supervised)
+      pages_turns=1,                # source='pages': questions per train record (more
+                                    # supervision per image; see data/pages.py)
       batch_size=8,                 # per host
       text_buckets=(128,),          # static text lengths; each batch uses one
       max_visual=0,                 # 0 → the model's largest AnyRes token count
@@ -87,6 +91,46 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
 
   c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)  # -1: the remaining devices
   c.sharding_rules = DEFAULT_RULES
+  return c
+
+
+def pages(grid: int = 6, turns: int = 6, read_turn: bool = False) -> ml_collections.ConfigDict:
+  """The pages experiment (data/pages.py, docs/pages_dataset.md): model 'pages', source
+  'pages', no system prompt, shapes sized to the grid (1 base + grid x (grid + 1) visual
+  tokens, 1 + grid^2 crops), `turns` questions per train record (evaluation asks one), and
+  optionally the "Read the page." turn on half the train records.
+
+  Grid 6 is the smallest page on which the interaction family still needs SA: vertical
+  neighbours are grid + 1 = 7 tokens apart, beyond the positional conv's reach chained
+  through the two CA layers (3 x 2 = 6)."""
+  c = default("pages")
+  d = c.data
+  d.source, d.pages_grid, d.pages_turns, d.pages_read_turn = "pages", grid, turns, read_turn
+  d.system_prompt = ""
+  d.max_visual, d.max_crops = 1 + grid * (grid + 1), 1 + grid * grid
+  # One question turn with its template fits 32 text tokens; each extra turn takes ~22
+  # (a record past the longest bucket keeps its first turns, counted as truncated).
+  longest = 32 + 22 * (turns - 1) + (grid * (grid + 1) + 12 if read_turn else 0)
+  d.text_buckets = (32,) if longest <= 32 else (32, min(128, -(-longest // 32) * 32))
+  d.max_text_len = d.text_buckets[-1]
+  d.batch_size = 16
+  d.synthetic_sizes = dict(train=20000, validation=400, test=400)
+  c.eval_max_new_tokens = 4           # every answer is one token
+  return c
+
+
+def router(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c` plus the router-training settings (method note, "The router")."""
+  c.router_train = ml_collections.ConfigDict(dict(
+      from_workdir="",        # the universal run (an Orbax workdir)
+      feasible="",            # feasible.json from the budget search ('' = the run's budgets)
+      split="train",          # where pseudo-labels come from
+      num_samples=512,
+      score="likelihood",     # 'likelihood' (geometric-mean answer-token prob) | 'correct'
+      ratio=0.99,             # a budget is enough if it reaches 99% of the full budget's score
+      hidden=256, threshold=0.5,
+      epochs=60, lr=1e-3, batch_size=64,
+  ))
   return c
 
 

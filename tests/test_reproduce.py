@@ -1,0 +1,77 @@
+"""The reproduction: results.json's contract, the markdown and plot, and (slow) every stage
+end to end at a tiny scale, resumable and deterministic."""
+import json
+import os
+
+import pytest
+
+from visor_jax.evaluation import report
+
+FAMILIES = {"coarse": {"kind": "coarse", "chance": 0.3},
+            "fine": {"kind": "fine", "chance": 0.1},
+            "interaction": {"kind": "interaction", "chance": 0.1}}
+
+
+def _summary(accs, n=40, llm=2e9, total=3e9, hist=None):
+  per = {f: {"accuracy": a, "n": n, "budget_histogram": hist or {"CA-only": n}}
+         for f, a in accs.items()}
+  return {"overall": {"mean_llm_flops": llm, "mean_total_flops": total, "mean_sa_layers": 1.0},
+          "per_group": per}
+
+
+def test_results_contract_markdown_and_plot(tmp_path):
+  base = _summary({"coarse": 1.0, "fine": 0.9, "interaction": 0.8}, llm=8e9, total=9e9)
+  visor = _summary({"coarse": 1.0, "fine": 0.85, "interaction": 0.1}, llm=2e9, total=3e9)
+  rows = [report.row("base", "all layers SA", base, FAMILIES, base, sa_layers=[0, 1, 2]),
+          report.row("visor", "CA-only", visor, FAMILIES, base, sa_layers=[]),
+          report.row("fastv", "keep 0.5", visor, FAMILIES, base, answer_token_kept=0.5)]
+  hist = report.router_histogram(_summary({"fine": 1, "interaction": 1}, hist={"SA{1}": 40}),
+                                 list(FAMILIES))
+  paths = report.write({"families": FAMILIES, "rows": rows, "router_histogram": hist},
+                       str(tmp_path))
+  data = report.read(str(tmp_path))
+  assert data["families"] == FAMILIES
+  r = data["rows"][1]
+  assert {"method", "setting", "sa_layers", "families", "llm_gflops", "llm_saving",
+          "total_saving"} <= set(r)
+  assert r["llm_saving"] == pytest.approx(4.0) and r["total_saving"] == pytest.approx(3.0)
+  fam = r["families"]["interaction"]
+  assert set(fam) == {"acc", "lo", "hi", "n"} and fam["lo"] < 0.1 < fam["hi"] and fam["n"] == 40
+  # "hard" pools the non-coarse families: (0.85 * 40 + 0.1 * 40) / 80.
+  assert r["families"]["hard"]["acc"] == pytest.approx(0.475) and r["families"]["hard"]["n"] == 80
+  assert data["router_histogram"] == {"fine": {"SA{1}": 40}, "interaction": {"SA{1}": 40}}
+  md = open(paths["md"]).read()
+  assert "| visor | CA-only | 100.0 [" in md and "| 50% |" in md and "n per column" in md
+  assert os.path.getsize(paths["plot"]) > 1000
+
+
+@pytest.mark.slow
+def test_reproduction_runs_every_stage_and_resumes(tmp_path):
+  import importlib.util
+  from visor_jax import reproduce
+  spec = importlib.util.spec_from_file_location(
+      "reproduce_config", os.path.join(os.path.dirname(__file__), "..", "configs", "reproduce.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rc = module.get_config("scale=tiny")
+  lines = []
+  first = reproduce.reproduce(rc, str(tmp_path), print_fn=lines.append)
+  for stage in ("base", "stage1", "stage2", "universal", "search", "router"):
+    assert os.path.exists(tmp_path / stage / reproduce.DONE), stage
+  methods = {r["method"] for r in first["rows"]}
+  assert methods == {"base", "fastv", "pyramiddrop", "visionzip", "visor", "router", "visor_tr",
+                     "question_only"}
+  assert set(first["families"]) == {"coarse", "fine", "control", "interaction"}
+  for r in first["rows"]:
+    assert set(r["families"]) == set(first["families"]) | {"hard"}
+    if r["method"] in ("fastv", "pyramiddrop", "visionzip"):
+      assert 0.0 <= r["answer_token_kept"] <= 1.0
+  base = next(r for r in first["rows"] if r["method"] == "base")
+  assert base["llm_saving"] == pytest.approx(1.0)
+  saved = json.loads((tmp_path / "results" / "results.json").read_text())
+  assert saved["rows"] == json.loads(json.dumps(first["rows"]))
+  assert (tmp_path / "results" / "results.md").exists()
+  assert (tmp_path / "results" / "pareto.png").exists()
+  # A rerun skips every finished stage and writes the same table.
+  again = reproduce.reproduce(rc, str(tmp_path), print_fn=lines.append)
+  assert json.loads(json.dumps(again["rows"])) == saved["rows"]
