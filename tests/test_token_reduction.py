@@ -376,3 +376,39 @@ def test_evaluation_adds_reduction_rows(assistant, tmp_path):
   assert "FastV 50%" in lines[-1] and "VISOR-TR 50%" in lines[-1]
   with pytest.raises(ValueError, match="pareto"):
     eval_main.run(assistant, str(tmp_path), mode="search", reduction="fastv:0.5")
+
+
+def test_visor_tr_is_trainable(setup):
+  """The trainer's VISOR-TR path (`training.config.visor_tr_keep`): its loss is the reduced
+  forward's, keep = 1 is the plain model's loss, and a train step moves the parameters
+  (gradients flow through the pooled tokens into the tower, projector and new parts)."""
+  from visor_jax.training import optim, steps
+  cfg, model = setup["cfg"], setup["model"]
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  batch = dict(setup["batch"])
+  t = batch["tokens"].shape[1]
+  batch["targets"] = np.where(batch["text_valid"] & (np.arange(t) >= t - 4),
+                              batch["tokens"], -1).astype(np.int32)
+  budget = budgets.mask(cfg, [1], 3)
+  labels = optim.param_labels(params, [(r".*", "all")])
+  trainable, frozen = optim.split(params, labels)
+  red = tr.Reduction("visor_tr", 0.5)
+  loss = float(jax.jit(steps.make_loss_fn(graphdef, red))(trainable, frozen, batch, budget)[0])
+  logits = tr.reduced_forward(model, {k: batch[k] for k in batch if k != "targets"}, red,
+                              budget).logits
+  want = float(steps.token_loss(logits, batch["targets"])[0])
+  assert abs(loss - want) < 1e-5 * max(1.0, abs(want))
+  plain = float(jax.jit(steps.make_loss_fn(graphdef))(trainable, frozen, batch, budget)[0])
+  one = float(jax.jit(steps.make_loss_fn(graphdef, tr.Reduction("visor_tr", 1.0)))(
+      trainable, frozen, batch, budget)[0])
+  assert abs(one - plain) < 1e-5 * max(1.0, abs(plain)) and abs(loss - plain) > 1e-4
+  import optax
+  tx = optax.sgd(1e-2)
+  step = jax.jit(steps.make_train_step(graphdef, tx, labels, reduction=red))
+  new, m = step(steps.init_state(params, tx, labels), batch, budget)
+  assert int(m["finite"]) == 1
+  moved = [k for k, (a, b) in enumerate(zip(jax.tree.leaves(params),
+                                              jax.tree.leaves(jax.device_get(new["params"]))))
+           if not np.array_equal(np.asarray(a), np.asarray(b))]
+  assert len(moved) > len(jax.tree.leaves(params)) // 2

@@ -64,6 +64,10 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
   # these weights. 'default' → `budgets.default_feasible`: 0, 1, 2, 4, ... and all SA
   # candidates spread over the candidate list; or a feasible.json from the budget search.
   c.budgets = "default"
+  # VISOR-TR: 0.5 / 0.25 pool the visual tokens 2x / 4x before VISOR's layers, in training and
+  # in the teacher-forced eval (1.0: off). The end-of-run table evaluates the plain model;
+  # `evaluation.main --reduction=visor_tr:0.5` evaluates the reduced one.
+  c.visor_tr_keep = 1.0
   c.budget_weights = None           # None → uniform
   c.eval_budgets = ""               # "" → the training budgets
 

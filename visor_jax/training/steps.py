@@ -19,6 +19,7 @@ from flax import nnx
 from visor_jax import budgets as budgets_lib
 from visor_jax import sharding
 from visor_jax.data import pipeline
+from visor_jax.models import token_reduction as tr
 from visor_jax.models.llava_onevision import INPUT_KEYS
 from visor_jax.training import optim
 
@@ -46,17 +47,26 @@ def answer_exact(logits: Array, targets: Array) -> Array:
   return jnp.all(hit, axis=-1) & jnp.any(mask, axis=-1)
 
 
-def make_loss_fn(graphdef: nnx.GraphDef) -> Callable:
+def forward(model, inputs, budget, reduction: tr.Reduction | None = None) -> Array:
+  """Logits of the model at `budget`, or of VISOR-TR (`reduction`, method 'visor_tr': the
+  visual tokens pooled before VISOR's layers, `models/token_reduction.py`) at that budget."""
+  if reduction is None:
+    return model(inputs, budget)
+  return tr.reduced_forward(model, inputs, reduction, budget).logits
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, reduction: tr.Reduction | None = None) -> Callable:
   def loss_fn(trainable, frozen, batch, budget):
     model = nnx.merge(graphdef, optim.merge(trainable, frozen))
-    logits = model({k: batch[k] for k in INPUT_KEYS}, budget)
+    logits = forward(model, {k: batch[k] for k in INPUT_KEYS}, budget, reduction)
     loss, n, correct = token_loss(logits, batch["targets"])
     return loss, (n, correct)
   return loss_fn
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    labels: dict[str, str], grad_accum: int = 1) -> Callable:
+                    labels: dict[str, str], grad_accum: int = 1,
+                    reduction: tr.Reduction | None = None) -> Callable:
   """(state, batch, budget) → (state, metrics).
 
   With `grad_accum` = k the batch is split into k micro-batches whose gradients are averaged
@@ -64,7 +74,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   params and optimizer state unchanged and reports `finite = 0`: a NaN never reaches the
   parameters, hence never a checkpoint; the host decides whether to stop.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef), has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, reduction), has_aux=True)
 
   def step(state, batch, budget):
     trainable, frozen = optim.split(state["params"], labels)
@@ -102,12 +112,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, reduction: tr.Reduction | None = None) -> Callable:
   """(params, batch, budget) → {'tf_exact' bool[B] (`answer_exact`), 'has_target' bool[B],
   'loss' (mean over the batch's supervised tokens)}."""
   def step(params, batch, budget):
     model = nnx.merge(graphdef, params)
-    logits = model({k: batch[k] for k in INPUT_KEYS}, budget)
+    logits = forward(model, {k: batch[k] for k in INPUT_KEYS}, budget, reduction)
     loss, _, _ = token_loss(logits, batch["targets"])
     return {"tf_exact": answer_exact(logits, batch["targets"]),
             "has_target": jnp.any(batch["targets"] >= 0, axis=-1), "loss": loss}

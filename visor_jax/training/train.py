@@ -26,6 +26,7 @@ from visor_jax import checkpoints, config_lib, runs, sharding
 from visor_jax.data import pipeline, sources
 from visor_jax.evaluation import main as eval_main
 from visor_jax.models.llava_onevision import LlavaOnevision
+from visor_jax.models import token_reduction as tr
 from visor_jax.training import metrics, optim, steps
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,15 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   budget_sh = sharding.batch_sharding(mesh, 2)
 
   # ---------------------------------------------------------------- update step
-  train_step = jax.jit(steps.make_train_step(graphdef, tx, labels, config.grad_accum),
+  # VISOR-TR (the paper's variant): visual tokens pooled 1/keep-fold before VISOR's layers.
+  reduction = (tr.Reduction("visor_tr", config.visor_tr_keep)
+               if config.get("visor_tr_keep", 1.0) != 1.0 else None)
+  train_step = jax.jit(steps.make_train_step(graphdef, tx, labels, config.grad_accum, reduction),
                        in_shardings=(state_sh, None, budget_sh),
                        out_shardings=(state_sh, sharding.replicated(mesh)),
                        donate_argnums=(0,))
-  eval_step = jax.jit(steps.make_eval_step(graphdef), in_shardings=(param_sh, None, budget_sh))
+  eval_step = jax.jit(steps.make_eval_step(graphdef, reduction),
+                      in_shardings=(param_sh, None, budget_sh))
 
   # ---------------------------------------------------------------- restore
   ckpt = checkpoints.Checkpointer(workdir, save_every=config.ckpt_every,
