@@ -75,3 +75,15 @@ def test_reproduction_runs_every_stage_and_resumes(tmp_path):
   # A rerun skips every finished stage and writes the same table.
   again = reproduce.reproduce(rc, str(tmp_path), print_fn=lines.append)
   assert json.loads(json.dumps(again["rows"])) == saved["rows"]
+
+
+def test_learnability_gate_measures_what_it_says():
+  """The gate's pieces at 2 steps: chance-level accuracy with its interval, an image effect
+  and attention in range, and a probe that reads the digits from the visual tokens (they are
+  readable even at initialisation: one patch per cell)."""
+  from visor_jax.benchmarks import learnability_gate as gate
+  r = gate.run(grid=4, num_steps=2, lr=1e-3, batch_size=8)
+  assert r["n"] == 256 and 0 <= r["lo"] <= r["tf_exact"] <= r["hi"] <= 1
+  assert r["image_effect"] > 0 and 0 <= r["on_cell"] <= 1 and r["uniform"] == 1 / 21
+  assert r["probe"] > 0.9
+  assert "tf_exact [95%]" in gate.format_table([r])
