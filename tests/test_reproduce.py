@@ -82,8 +82,8 @@ def test_learnability_gate_measures_what_it_says():
   and attention in range, and a probe that reads the digits from the visual tokens (they are
   readable even at initialisation: one patch per cell)."""
   from visor_jax.benchmarks import learnability_gate as gate
-  r = gate.run(grid=4, num_steps=2, lr=1e-3, batch_size=8)
-  assert r["n"] == 256 and 0 <= r["lo"] <= r["tf_exact"] <= r["hi"] <= 1
+  r = gate.run(grid=4, num_steps=2, lr=1e-3, batch_size=8, eval_items=32, probe_batches=12)
+  assert r["n"] == 32 and 0 <= r["lo"] <= r["tf_exact"] <= r["hi"] <= 1
   assert r["image_effect"] > 0 and 0 <= r["on_cell"] <= 1 and r["uniform"] == 1 / 21
   assert r["probe"] > 0.9
   assert "tf_exact [95%]" in gate.format_table([r])

@@ -104,12 +104,14 @@ def attention_on_cell(model, x, cells, grid: int) -> float:
   return best
 
 
-def probe(model, rng, grid: int, cfg, tok) -> float:
+def probe(model, rng, grid: int, cfg, tok, batches: int = 16) -> float:
   """Held-out ridge-probe accuracy of the digit from its cell's packed visual token."""
   feats, labels = [], []
-  for _ in range(16):
+  graphdef, state = nnx.split(model)
+  streams = jax.jit(lambda st, x: nnx.merge(graphdef, st).streams(x)[1])
+  for _ in range(batches):
     b, cells = batch(rng, grid, 32, cfg, tok)
-    _, vis = model.streams({k: jnp.asarray(b[k]) for k in INPUT_KEYS})
+    vis = streams(state, {k: jnp.asarray(b[k]) for k in INPUT_KEYS})
     vis = np.asarray(vis)
     for i, c in enumerate(cells):
       feats.append(vis[i, pages.visual_token(grid, c)])
@@ -122,7 +124,8 @@ def probe(model, rng, grid: int, cfg, tok) -> float:
   return float((np.argmax(x[half:] @ w, 1) == np.argmax(y[half:], 1)).mean())
 
 
-def run(grid: int, num_steps: int, lr: float, batch_size: int, seed: int = 0) -> dict:
+def run(grid: int, num_steps: int, lr: float, batch_size: int, seed: int = 0,
+        eval_items: int = 256, probe_batches: int = 16) -> dict:
   cfg = config_lib.model_config(model_configs.pages())
   tok = build_tiny_tokenizer(pages.corpus(), vocab_size=cfg.image_token_id)
   graphdef, state = nnx.split(LlavaOnevision(cfg, rngs=nnx.Rngs(seed)))
@@ -141,22 +144,25 @@ def run(grid: int, num_steps: int, lr: float, batch_size: int, seed: int = 0) ->
     train_state, _ = step(train_state, b, budget)
   test_rng = np.random.default_rng(seed + 1)
   hits, effects, on_cell = [], [], []
-  model = nnx.merge(graphdef, train_state["params"])
-  for _ in range(256 // batch_size):
+  params = train_state["params"]
+  model = nnx.merge(graphdef, params)
+  logits = jax.jit(lambda p, x, b: nnx.merge(graphdef, p)(x, b))
+  for _ in range(eval_items // batch_size):
     b, cells = batch(test_rng, grid, batch_size, cfg, tok)
     hits += list(np.asarray(eval_step(train_state["params"], b, budget)["tf_exact"]))
     x = {k: jnp.asarray(b[k]) for k in INPUT_KEYS}
     swapped = {**x, "pixels": jnp.roll(x["pixels"], 1, axis=0)}
     first = np.argmax(b["targets"] >= 0, axis=1)
     rows = np.arange(batch_size)
-    delta = np.abs(np.asarray(model(x, budget) - model(swapped, budget)))[rows, first]
+    delta = np.abs(np.asarray(logits(params, x, budget) - logits(params, swapped, budget))
+                   )[rows, first]
     effects.append(float(delta.max(-1).mean()))
     if not on_cell:
       on_cell.append(attention_on_cell(model, x, cells, grid))
   lo, hi = wilson_interval(float(np.sum(hits)), len(hits))
   return {"grid": grid, "steps": num_steps, "tf_exact": float(np.mean(hits)), "lo": lo,
           "hi": hi, "n": len(hits), "image_effect": float(np.mean(effects)),
-          "probe": probe(model, np.random.default_rng(seed + 2), grid, cfg, tok),
+          "probe": probe(model, np.random.default_rng(seed + 2), grid, cfg, tok, probe_batches),
           "on_cell": on_cell[0], "uniform": 1 / (1 + grid * (grid + 1))}
 
 
