@@ -357,3 +357,13 @@ def test_source_and_harness_read_pages(tmp_path):
       synthetic_seed=1, synthetic_sizes=dict(train=1, validation=1, test=1)))) == dict(
           seed=1, sizes=dict(train=1, validation=1, test=1), grid=8, read_turn=False,
           turns=1)
+
+
+def test_question_format_turns_training_only_turns_off():
+  from visor_jax.training import config as train_config
+  c = train_config.pages(grid=6, turns=6, read_turn=True)
+  q = sources.question_format(c.data)
+  assert (q.pages_turns, q.pages_read_turn) == (1, False)
+  assert (c.data.pages_turns, c.data.pages_read_turn) == (6, True)  # a copy
+  assert sources.pages_params(q) == {**sources.pages_params(c.data), "turns": 1,
+                                     "read_turn": False}

@@ -61,7 +61,7 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   c.data.synthetic_sizes = dict(rc.sizes)
   c.data.synthetic_dir = os.path.join(workdir, "data")
   c.num_steps = rc.steps[stage]
-  c.optim.lr = rc.lr[stage] if stage in rc.get("lr", {}) else c.optim.lr
+  c.optim.lr = rc.lr[stage]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, c.num_steps // 10))
   c.ckpt_every = max(1, min(200, c.num_steps))
   c.eval_items = 0                     # the evaluate stage does the accuracy
@@ -113,15 +113,6 @@ def _cpu_model() -> str:
       return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
   except (OSError, StopIteration):
     return "unknown CPU"
-
-
-def _permuted_table(rows, families) -> str:
-  cols = families + [report.HARD]
-  lines = ["| model | budget | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
-  for r in rows:
-    lines.append(f"| {r['method']} | {r['setting']} | "
-                 + " | ".join(report.cell(r["families"].get(c)) for c in cols) + " |")
-  return "\n".join(lines)
 
 
 def _train(config) -> Callable[[str], bool]:
@@ -314,8 +305,8 @@ def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = 
       f"test split; FLOPs are prefill FLOPs per sample; savings are the base model's FLOPs "
       f"over the row's.")
   results["sections"] = {
-      "Control: rows permuted (labels re-derived from the shown layout)": _permuted_table(
-          results["permuted_rows"], list(results["families"])),
+      "Control: rows permuted (labels re-derived from the shown layout)": "\n".join(
+          report.table_lines(results["permuted_rows"], list(results["families"]))),
       "Time per stage (s)": ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())}
   paths = report.write(results, os.path.join(workdir, "results"))
   with open(paths["md"]) as f:

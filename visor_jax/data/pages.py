@@ -479,8 +479,8 @@ def generate_example(seed: int, split: str, index: int, grid: int = 8, permute_r
 def corpus() -> list[str]:
   """Every question and answer string the generator can emit (tiny-tokenizer training).
 
-  Answers are repeated so that a 300-id byte-level BPE learns each as one token (questions,
-  being many, would otherwise take every merge).
+  Answers are repeated so that the `pages` model's byte-level BPE learns each as one token
+  (questions, being many, would otherwise take every merge).
   """
   out = [QUESTIONS["page_colour"], QUESTIONS["count_blocks"], READ_QUESTION]
   out += [QUESTIONS[k].format(colour=c) for k in ("has_block", "colour_digit") for c in COLOURS]

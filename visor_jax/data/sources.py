@@ -37,6 +37,16 @@ def pages_params(data: ml_collections.ConfigDict) -> dict:
               turns=data.get("pages_turns", 1))
 
 
+def question_format(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`data` with the training-only turns off (pages: no reading turn, one question per
+  record), so every record is asked as at evaluation: what the router's pseudo-labels need
+  (it routes at the question's last prompt token)."""
+  out = ml_collections.ConfigDict(data.to_dict())
+  if out.get("source") == "pages":
+    out.pages_read_turn, out.pages_turns = False, 1
+  return out
+
+
 # The embedded datasets: name → (module with build/records/corpus, its parameters' reader).
 EMBEDDED = {"synthetic": (synthetic, synthetic_params), "pages": (pages, pages_params)}
 

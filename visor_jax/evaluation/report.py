@@ -71,23 +71,33 @@ def cell(s: Mapping | None) -> str:
   return f"{100 * s['acc']:.1f} [{100 * s['lo']:.0f}, {100 * s['hi']:.0f}]"
 
 
+def table_lines(rows: Sequence[Mapping], families: Sequence[str], *, costs: bool = False
+                ) -> list[str]:
+  """A markdown table of rows: method, setting, each family and 'hard' [95% interval]; with
+  `costs` also LLM GFLOPs, the savings and the answer-token survival rate."""
+  cols = list(families) + [HARD]
+  extra = ["LLM GFLOPs", "LLM saving", "total saving", "answer token kept"] if costs else []
+  lines = ["| method | setting | " + " | ".join(cols + extra) + " |",
+           "|" + "---|" * (len(cols) + len(extra) + 2)]
+  for r in rows:
+    line = f"| {r['method']} | {r['setting']} | " + " | ".join(
+        cell(r["families"].get(c)) for c in cols)
+    if costs:
+      kept = r.get("answer_token_kept")
+      line += (f" | {r['llm_gflops']:.4f} | {r['llm_saving']:.2f}x | {r['total_saving']:.2f}x"
+               if r.get("llm_gflops") is not None else " | – | – | –")
+      line += f" | {'–' if kept is None else f'{100 * kept:.0f}%'}"
+    lines.append(line + " |")
+  return lines
+
+
 def markdown(results: Mapping) -> str:
   """results.md: the table (accuracy % [95% interval]), n per column, the histogram, the
   controls and the notes."""
   fams = list(results["families"])
   cols = fams + [HARD]
-  head = ("| method | setting | " + " | ".join(cols)
-          + " | LLM GFLOPs | LLM saving | total saving | answer token kept |")
-  lines = [f"# {results.get('title', 'Results')}", "", results.get("preamble", ""), "", head,
-           "|" + "---|" * (head.count("|") - 1)]
-  for r in results["rows"]:
-    kept = r.get("answer_token_kept")
-    lines.append(
-        f"| {r['method']} | {r['setting']} | "
-        + " | ".join(cell(r["families"].get(c)) for c in cols)
-        + (f" | {r['llm_gflops']:.4f} | {r['llm_saving']:.2f}x | {r['total_saving']:.2f}x"
-           if r.get("llm_gflops") is not None else " | – | – | –")
-        + f" | {'–' if kept is None else f'{100 * kept:.0f}%'} |")
+  lines = [f"# {results.get('title', 'Results')}", "", results.get("preamble", ""), "",
+           *table_lines(results["rows"], fams, costs=True)]
   ns = results["rows"][0]["families"] if results["rows"] else {}
   lines += ["", "n per column: " + ", ".join(f"{c} {ns[c]['n']}" for c in cols if c in ns),
             "", "chance: " + ", ".join(f"{f} {100 * s['chance']:.1f}%"

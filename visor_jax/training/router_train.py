@@ -125,12 +125,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sets = [list(s) for s in cfg.router.feasible] + [budgets_lib.maximal(cfg)]
   rows = jnp.asarray(np.concatenate([budgets_lib.mask(cfg, s) for s in sets]))
   label_fn = jax.jit(make_label_fn(graphdef, r.score))
-  # The router reads the last prompt token of the question: train records that open with the
-  # pages "Read the page." turn would put it at the end of that turn instead.
-  data = ml_collections.ConfigDict(run.data.to_dict())
-  if data.get("pages_read_turn"):
-    data.pages_read_turn = False
-  source = sources.source_for(data, r.split, universal.workdir)
+  source = sources.source_for(sources.question_format(run.data), r.split, universal.workdir)
   it = pipeline.make_iterator(source, universal.tokenizer, universal_cfg,
                               sources.pipeline_kwargs(run.data), num_epochs=1, shuffle=False,
                               num_workers=0)
