@@ -140,6 +140,10 @@ def test_truncation_keeps_prefix_and_a_supervised_token(tok, cfg):
   np.testing.assert_array_equal(ex.sample.tokens, full.sample.tokens[:60])
   np.testing.assert_array_equal(ex.targets[:-1], full.targets[:59])
   assert ex.targets[-1] == conv.IGNORE
+  with pytest.raises(conv.BadSample, match="overlong='skip'") as e:
+    encode(r, tok, cfg, max_text_len=60, overlong="skip")
+  assert e.value.reason == "too_long"
+  assert not encode(r, tok, cfg, max_text_len=1024, overlong="skip").truncated
 
 
 @pytest.mark.parametrize("change, reason", [

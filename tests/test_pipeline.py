@@ -103,9 +103,32 @@ def test_bad_samples_skipped_and_counted(tok, cfg, tmp_path):
   batches = list(it)
   counts = dict(zip(pipeline.BAD_REASONS, sum(b["bad_counts"] for b in batches)))
   assert counts == {"missing_image": 1, "corrupt_image": 1, "malformed": 2,
-                    "no_assistant_turn": 1, "too_long": 1}
+                    "no_assistant_turn": 1, "too_long": 1, "unsafe_path": 0}
   assert sum(b["sample_valid"].sum() for b in batches) == 10
   assert it.totals() == {"seen": 16, **counts}
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "skip"])
+def test_an_overlong_answer_is_truncated_or_skipped_and_counted(tok, cfg, overlong):
+  """A 100k-word answer: cut to the text bucket and flagged `truncated` (data.overlong=
+  'truncate'), or skipped as `too_long` ('skip'); never trained on silently."""
+  long = {**make_record(200, png(30, 20, 0)), "conversations": [
+      {"from": "human", "value": "<image>\nDescribe."},
+      {"from": "gpt", "value": "word " * 100_000}]}
+  batches = list(run([make_record(0, png(30, 20, 0)), long, make_record(1, png(30, 21, 1))],
+                     tok, cfg, max_bad_fraction=1.0, overlong=overlong))
+  counts = dict(zip(pipeline.BAD_REASONS, sum(b["bad_counts"] for b in batches)))
+  valid = sum(int(b["sample_valid"].sum()) for b in batches)
+  truncated = sum(int((b["truncated"] & b["sample_valid"]).sum()) for b in batches)
+  if overlong == "truncate":
+    assert (valid, truncated, counts["too_long"]) == (3, 1, 0)
+  else:
+    assert (valid, truncated, counts["too_long"]) == (2, 0, 1)
+
+
+def test_overlong_policy_is_validated():
+  with pytest.raises(ValueError, match="data.overlong"):
+    pipeline.data_config({"overlong": "clip"})
 
 
 def test_too_many_bad_samples_raise(tok, cfg, tmp_path):
@@ -190,3 +213,16 @@ def test_global_batch_and_throughput(records, tok, cfg):
   np.testing.assert_array_equal(np.asarray(batch["targets"]), local["targets"])
   assert not set(pipeline.HOST_FIELDS) & set(batch)  # host statistics never reach devices
   assert local["group"].dtype.kind == "U"
+
+
+def test_image_spec_normalises_the_pixels(records, tok, cfg):
+  """The run's image processor (e.g. an `init_from` checkpoint's CLIP mean/std) is the one the
+  batches are normalised with, not the geometry's 0.5 default."""
+  from visor_jax.data import inputs
+  mean, std = np.array([0.48, 0.46, 0.41]), np.array([0.27, 0.26, 0.28])
+  clip = inputs.processor_spec(cfg, image_mean=tuple(mean), image_std=tuple(std))
+  default = next(run(records[:4], tok, cfg))
+  ours = next(run(records[:4], tok, cfg, image_spec=clip))
+  np.testing.assert_array_equal(ours["record_index"], default["record_index"])
+  rgb = default["pixels"][0, 0] * 0.5 + 0.5  # each sample's first crop is a real view
+  np.testing.assert_allclose(ours["pixels"][0, 0], (rgb - mean) / std, atol=1e-5)

@@ -4,11 +4,16 @@ The format is an 8-byte little-endian header length, a JSON header {name: {dtype
 data_offsets}}, then raw little-endian bytes. Reading memory-maps the file, so a tensor costs
 memory only when it is used, and a sharded checkpoint (`model.safetensors.index.json`) is read
 one tensor at a time.
+
+A downloaded checkpoint is untrusted: the index's shard names must stay inside the checkpoint
+directory, and a file that is not safetensors (a pickle, garbage) is refused by its header,
+before anything else of it is read.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from typing import Iterator, Mapping
 
@@ -23,17 +28,80 @@ DTYPES = {
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's limit
+
+
+def _not_safetensors(path: str, why: str) -> ValueError:
+  return ValueError(f"not a safetensors file: {path} ({why}).")
 
 
 def _read_header(path: str) -> tuple[dict, int]:
+  """(tensor entries, data start). The header length is checked against the file size before
+  it is read, so a pickle or garbage fails here, never as a huge read or a decode error."""
+  st = os.stat(path)
+  if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+    raise _not_safetensors(path, "not a regular file")
+  size = st.st_size
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than its header).")
+      raise _not_safetensors(path, "shorter than its 8-byte header length")
     (n,) = struct.unpack("<Q", raw)
-    header = json.loads(f.read(n))
+    if n > min(size - 8, MAX_HEADER_BYTES):
+      raise _not_safetensors(path, f"header length {n} does not fit a {size}-byte file")
+    blob = f.read(n)
+  try:
+    header = json.loads(blob.decode("utf-8"))
+  except ValueError:  # UnicodeDecodeError, JSONDecodeError
+    raise _not_safetensors(path, "its header is not JSON") from None
+  if not isinstance(header, dict):
+    raise _not_safetensors(path, "its header is not a JSON object")
   header.pop("__metadata__", None)
+  for key, info in header.items():
+    _check_entry(path, key, info, size - 8 - n)
   return header, 8 + n
+
+
+def _check_entry(path: str, key: str, info, data_bytes: int) -> None:
+  """A tensor's entry is well-formed and its bytes lie inside the file (so `get` can slice)."""
+  try:
+    begin, end = info["data_offsets"]
+    ok = (isinstance(info["dtype"], str) and all(isinstance(d, int) and d >= 0
+                                                 for d in info["shape"])
+          and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_bytes)
+  except (TypeError, KeyError, ValueError):
+    ok = False
+  if not ok:
+    raise _not_safetensors(path, f"bad header entry for tensor {key!r}")
+
+
+def _shard_files(directory: str, index: str) -> list[str]:
+  """The index's shard names, each checked to stay inside `directory`."""
+  try:
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+  except (ValueError, KeyError, TypeError):
+    weight_map = None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names.")
+  names = sorted(set(weight_map.values()))
+  for name in names:
+    _check_inside(directory, name, index)
+  return names
+
+
+def _check_inside(directory: str, name: str, index: str) -> None:
+  """Refuses a shard name that is absolute or whose real path (`..`, symlinks) leaves the
+  directory: the index is untrusted, and must not make us open files elsewhere. A Hugging Face
+  cache snapshot (`<repo>/snapshots/<rev>/`) links its files to `<repo>/blobs/`, allowed too."""
+  real_dir = os.path.realpath(directory)
+  allowed = [real_dir]
+  if os.path.basename(os.path.dirname(real_dir)) == "snapshots":
+    allowed.append(os.path.join(os.path.dirname(os.path.dirname(real_dir)), "blobs"))
+  real = os.path.realpath(os.path.join(real_dir, name))  # resolves links; opens nothing
+  if os.path.isabs(name) or not any(os.path.commonpath([real, a]) == a for a in allowed):
+    raise ValueError(f"{index}: shard {name!r} is outside the checkpoint directory {directory}; "
+                     "refusing to open it.")
 
 
 class SafetensorsReader:
@@ -43,9 +111,7 @@ class SafetensorsReader:
     index = os.path.join(directory, INDEX_FILE)
     single = os.path.join(directory, SINGLE_FILE)
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      files = sorted(set(weight_map.values()))
+      files = _shard_files(directory, index)
     elif os.path.exists(single):
       files = [SINGLE_FILE]
     else:

@@ -47,8 +47,10 @@ from visor_jax.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 IGNORE = -1  # target value of unsupervised positions
 
-# Why a sample can be skipped. The order is the layout of the pipeline's `bad_counts` vector.
-BAD_REASONS = ("missing_image", "corrupt_image", "malformed", "no_assistant_turn", "too_long")
+# Why a sample can be skipped. The order is the layout of the pipeline's `bad_counts` vector;
+# new reasons go last, so a data-iterator checkpoint's shorter counts still line up.
+BAD_REASONS = ("missing_image", "corrupt_image", "malformed", "no_assistant_turn", "too_long",
+               "unsafe_path")
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
@@ -163,18 +165,38 @@ class JsonSource:
 class ImageLoader:
   """Turns a record's image reference into a decoded PIL image, or raises `BadSample`.
 
-  References: encoded bytes, a path (relative ones resolved under `image_root`), a
-  HF-datasets style dict `{"bytes": ..., "path": ...}`, or an already decoded PIL image / uint8
-  array. Decoding is forced here (`load()`), so truncated files fail now, as `corrupt_image`.
+  References: encoded bytes, a path, a HF-datasets style dict `{"bytes": ..., "path": ...}`,
+  or an already decoded PIL image / uint8 array. Decoding is forced here (`load()`), so
+  truncated files fail now, as `corrupt_image`.
+
+  Paths come from untrusted records, so with an `image_root` they are confined to it: an
+  absolute path, or one whose real path (`..`, symlinks resolved) leaves the root, is
+  `unsafe_path`, refused before anything is opened. `JsonSource` always supplies a root
+  (`data.image_root`, else the JSON file's directory). Without one (`ImageLoader()`) a path is
+  used as given: that is for trusted callers only (a command-line `--image`, the evaluation
+  harness's paths it already joined itself).
   """
 
   def __init__(self, image_root: str | os.PathLike | None = None):
     self.image_root = None if image_root is None else os.fspath(image_root)
+    # The root's own real path: a root that is itself a symlink (/data -> /mnt/data) is fine.
+    self._real_root = None if image_root is None else os.path.realpath(self.image_root)
 
   def resolve(self, path: str) -> str:
-    if self.image_root is None or os.path.isabs(path):
+    """The real path to open; raises `BadSample('unsafe_path')` if it is outside the root."""
+    if self._real_root is None:
       return path
-    return os.path.join(self.image_root, path)
+    if os.path.isabs(path):
+      raise BadSample("unsafe_path", f"absolute image path {path!r} (paths must be relative "
+                      f"to the image root {self.image_root})")
+    try:
+      real = os.path.realpath(os.path.join(self._real_root, path))
+    except ValueError as e:  # e.g. an embedded NUL byte
+      raise BadSample("unsafe_path", f"image path {path!r} is not a valid path ({e})") from None
+    if os.path.commonpath([real, self._real_root]) != self._real_root:
+      raise BadSample("unsafe_path", f"image path {path!r} leads outside the image root "
+                      f"{self.image_root}")
+    return real
 
   def __call__(self, ref: Any) -> PIL.Image.Image | np.ndarray:
     if isinstance(ref, (PIL.Image.Image, np.ndarray)):
@@ -316,8 +338,13 @@ def encode_record(record: Any, tokenizer: Tokenizer, cfg: ModelConfig,
                   image_loader: Callable[[Any], Any] | None = None, *, max_text_len: int,
                   system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                   max_visual: int | None = None, max_crops: int | None = None,
-                  spec: preprocess.ImageProcessorSpec | None = None) -> Example:
+                  spec: preprocess.ImageProcessorSpec | None = None,
+                  overlong: str = "truncate") -> Example:
   """One LLaVA record → `Example`; raises `BadSample` for anything that should be skipped.
+
+  Text past `max_text_len`: `overlong='truncate'` keeps the first tokens (the example says
+  `truncated`; a sample left with no supervised token is `too_long`); 'skip' makes any
+  over-long sample `too_long`.
 
   Cheap checks (structure, placeholders, length) run before any image is decoded, so a bad
   record costs little. `max_visual` / `max_crops` reject samples whose images would not fit the
@@ -338,6 +365,9 @@ def encode_record(record: Any, tokenizer: Tokenizer, cfg: ModelConfig,
     raise BadSample("malformed", f"{n_placeholders} {IMAGE_TOKEN} placeholder(s) but "
                     f"{len(refs)} image(s)")
   n_text = int(np.sum(ids != cfg.image_token_id))
+  if overlong == "skip" and n_text > max_text_len:
+    raise BadSample("too_long", f"{n_text} text tokens > max_text_len={max_text_len} "
+                    "(data.overlong='skip')")
   ids, supervised, n_images = truncate(ids, supervised, cfg.image_token_id, max_text_len)
   if not _any_supervised_target(ids, supervised, cfg.image_token_id):
     raise BadSample("too_long", f"{n_text} text tokens: no supervised token survives "

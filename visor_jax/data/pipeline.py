@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from visor_jax.config_lib import ModelConfig
-from visor_jax.data import anyres, conversations, inputs
+from visor_jax.data import anyres, conversations, inputs, preprocess
 from visor_jax.data.conversations import (  # noqa: F401 (re-exported: the pipeline's API)
     BAD_REASONS, BadRecord, BadSample, Example, JsonSource)
 from visor_jax.data.tokenizer import Tokenizer
@@ -55,7 +55,9 @@ class DataConfig:
   text_buckets: tuple[int, ...] = (64, 128, 256)  # static padded text lengths
   max_visual: int | None = None         # static visual-token count (None: bound from the model)
   max_crops: int | None = None          # static crop count (None: 1 + largest AnyRes grid)
-  max_text_len: int | None = None       # truncate text beyond this (None: largest bucket)
+  max_text_len: int | None = None       # text limit (None: largest bucket)
+  overlong: str = "truncate"            # text past max_text_len: 'truncate' (kept, cut, counted
+                                        # as truncated) | 'skip' (bad sample 'too_long')
   num_workers: int = 0                  # grain worker processes (0: in-process)
   shuffle_seed: int = 0                 # global shuffle seed (reshuffled every epoch)
   shuffle: bool = True
@@ -89,6 +91,8 @@ def data_config(c: ml_collections.ConfigDict | dict | DataConfig | None = None, 
   if d.max_text_len is not None and not 2 <= d.max_text_len <= buckets[-1]:
     raise ValueError(f"data.max_text_len={d.max_text_len} must be in [2, {buckets[-1]}] "
                      "(the largest text bucket).")
+  if d.overlong not in ("truncate", "skip"):
+    raise ValueError(f"data.overlong={d.overlong!r} must be 'truncate' or 'skip'.")
   for name, low in (("batch_size", 1), ("max_visual", 1), ("max_crops", 1),
                     ("min_records_for_bad_check", 1), ("num_workers", 0), ("read_threads", 0),
                     ("read_buffer", 0), ("worker_buffer", 0)):
@@ -132,8 +136,9 @@ class _Encoder:
   Never raises on bad data: it reports the reason instead.
   """
 
-  def __init__(self, tokenizer: Tokenizer, cfg: ModelConfig, d: DataConfig, image_root):
-    self.tokenizer, self.cfg, self.d = tokenizer, cfg, d
+  def __init__(self, tokenizer: Tokenizer, cfg: ModelConfig, d: DataConfig, image_root,
+               image_spec: preprocess.ImageProcessorSpec | None = None):
+    self.tokenizer, self.cfg, self.d, self.image_spec = tokenizer, cfg, d, image_spec
     self.loader = conversations.ImageLoader(image_root)
     self.max_text_len = d.max_text_len or d.text_buckets[-1]
     self.num_bad = self.num_truncated = 0
@@ -144,7 +149,7 @@ class _Encoder:
       ex = conversations.encode_record(
           record, self.tokenizer, self.cfg, self.loader, max_text_len=self.max_text_len,
           system_prompt=self.d.system_prompt, max_visual=self.d.max_visual,
-          max_crops=self.d.max_crops)
+          max_crops=self.d.max_crops, spec=self.image_spec, overlong=self.d.overlong)
     except BadSample as e:
       return key, index, None, self._bad(e.reason, f"{_record_id(record)}: {e}")
     except Exception as e:  # noqa: BLE001 — odd data must not kill a long run; the guard and
@@ -292,9 +297,16 @@ class _BucketBatchIterator(grain.DatasetIterator):
       for key in keys:  # re-encode what was waiting (deterministic, so the same examples)
         _, index, ex, _ = self._items[key]
         self._buffers[bucket].append((key, index, ex))
-    self._pending[:] = state["pending"]
-    self._bad[:] = state["bad"]
+    _restore_counts(self._pending, state["pending"])
+    _restore_counts(self._bad, state["bad"])
     self._seen = int(state["seen"])
+
+
+def _restore_counts(counts: np.ndarray, saved: Sequence[int]) -> None:
+  """Per-reason counts from a checkpoint; one written before a reason was added (reasons are
+  only ever appended) has fewer entries, and the new reasons start at zero."""
+  counts[:] = 0
+  counts[:len(saved)] = saved
 
 
 class _GuardIterator(grain.DatasetIterator):
@@ -324,7 +336,7 @@ class _GuardIterator(grain.DatasetIterator):
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
-    self._bad[:] = state["bad"]
+    _restore_counts(self._bad, state["bad"])
     self._seen = int(state["seen"])
 
 
@@ -334,11 +346,13 @@ class _GuardIterator(grain.DatasetIterator):
 def make_dataset(source: Sequence[Any], tokenizer: Tokenizer, model_cfg: ModelConfig,
                  data_cfg: ml_collections.ConfigDict | dict | DataConfig | None = None, *,
                  shard_index: int | None = None, shard_count: int | None = None,
+                 image_spec: preprocess.ImageProcessorSpec | None = None,
                  **overrides) -> grain.IterDataset:
   """The batched `grain.IterDataset`; `iter()` it for a checkpointable iterator.
 
   `source`: a `JsonSource` or any random-access sequence of record dicts. Sharding defaults to
-  `jax.process_index()` of `jax.process_count()`.
+  `jax.process_index()` of `jax.process_count()`. `image_spec`: how images are preprocessed
+  (the run's `runs.experiment_image_spec`; None: the default for the geometry).
   """
   d = data_config(data_cfg, **overrides)
   if tokenizer.image_token_id != model_cfg.image_token_id:
@@ -362,7 +376,7 @@ def make_dataset(source: Sequence[Any], tokenizer: Tokenizer, model_cfg: ModelCo
   ds = ds.repeat(d.num_epochs)
   ds = ds[shard_index::shard_count]
   image_root = d.image_root or getattr(source, "image_root", None)
-  items = ds.map_with_index(_Encoder(tokenizer, model_cfg, d, image_root))
+  items = ds.map_with_index(_Encoder(tokenizer, model_cfg, d, image_root, image_spec))
   it_ds = items.to_iter_dataset(grain.ReadOptions(num_threads=d.read_threads,
                                                   prefetch_buffer_size=d.read_buffer))
   batcher = _Batcher(model_cfg, d, d.max_visual, d.max_crops)

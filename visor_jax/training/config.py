@@ -54,6 +54,8 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
       max_visual=0,                 # 0 → the model's largest AnyRes token count
       max_crops=0,                  # 0 → the model's largest crop count
       max_text_len=128,
+      overlong="truncate",          # text past max_text_len: 'truncate' (counted as
+                                    # data/truncated) | 'skip' (bad sample 'too_long')
       num_workers=0,                # grain worker processes (0: in-process)
       shuffle_seed=0,
       max_bad_fraction=0.2,         # stop if more of the samples seen are bad
