@@ -23,10 +23,10 @@ from flax import nnx
 
 import hf_fixtures
 from model_fixtures import prompt_ids as _prompt_ids
-from visor_jax import budgets, checkpoints, config_lib, export
+from visor_jax import budgets, checkpoints, config_lib, export, runs
 from visor_jax.inference import generate
 from visor_jax.training import config as train_config
-from visor_jax.convert import hf_import, safetensors_io, torch_export
+from visor_jax.convert import hf_import, safetensors_io, tiny_checkpoint, torch_export
 from visor_jax.convert.torch_model import VisorForConditionalGeneration
 from visor_jax.data import inputs as inputs_lib
 from visor_jax.data import preprocess
@@ -42,6 +42,10 @@ TOL = 1e-4
 BF16_TOL = 0.1            # bf16 weights, float32 compute
 BF16_COMPUTE_TOL = 0.25   # bf16 weights and compute
 FEASIBLE = [[], [4], [1, 4]]
+# OpenAI CLIP's normalisation (transformers' OPENAI_CLIP_MEAN/STD): a source processor that is
+# not LLaVA-OV's 0.5, so an export that forgets the source's settings shows.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 THRESHOLDS = [0.05, 0.3, 0.6, 0.9, 0.999]
 STEP = 3
 
@@ -158,6 +162,22 @@ def test_export_directory_layout(run):
   # the image processor training used, readable by transformers and by our preprocessing
   assert preprocess.ImageProcessorSpec.from_hf_dir(out) == inputs_lib.processor_spec(run["cfg"])
   transformers.LlavaOnevisionImageProcessorPil.from_pretrained(out)
+
+
+def test_export_keeps_the_source_image_processor(tmp_path):
+  """A transformers checkpoint whose processor normalises with CLIP's mean/std, exported:
+  the export preprocesses as the source did, for our reader and for transformers'."""
+  src = tiny_checkpoint.build(str(tmp_path / "hf"), image_mean=CLIP_MEAN, image_std=CLIP_STD)
+  source_spec = preprocess.ImageProcessorSpec.from_hf_dir(src)
+  assert source_spec.image_mean == CLIP_MEAN and source_spec.image_std == CLIP_STD
+  out = str(tmp_path / "export")
+  export.export(src, out)
+  assert preprocess.ImageProcessorSpec.from_hf_dir(out) == source_spec
+  assert runs.describe_run(out).image_spec == source_spec
+  proc = transformers.AutoImageProcessor.from_pretrained(out)  # the PIL one: no torchvision
+  assert tuple(proc.image_mean) == CLIP_MEAN and tuple(proc.image_std) == CLIP_STD
+  assert proc.size == {"height": 28, "width": 28} and proc.resample == source_spec.resample
+  assert [tuple(p) for p in proc.image_grid_pinpoints] == list(source_spec.grid_pinpoints)
 
 
 @pytest.mark.parametrize("kind", ["all_sa", "ca_only", "mixed"])

@@ -148,6 +148,21 @@ def test_from_hf_dir_round_trip(tmp_path):
   assert ImageProcessorSpec.from_hf_dir(tmp_path / "default") == ImageProcessorSpec()
 
 
+def test_to_hf_dict_is_what_from_hf_dict_and_transformers_read(tmp_path):
+  """What an export writes as preprocessor_config.json: every field we mirror survives, and
+  transformers' processor built from it preprocesses bit-identically to the spec."""
+  spec = ImageProcessorSpec(crop_size=28, grid_pinpoints=((28, 40), (40, 28), (50, 50)),
+                            image_mean=(0.48145466, 0.4578275, 0.40821073),
+                            image_std=(0.26862954, 0.26130258, 0.27577711),
+                            resample=int(PIL.Image.Resampling.BILINEAR))
+  assert ImageProcessorSpec.from_hf_dict(spec.to_hf_dict()) == spec
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(spec.to_hf_dict()))
+  hf = LlavaOnevisionImageProcessorPil.from_pretrained(tmp_path)
+  image = _random_image(np.random.default_rng(2), 45, 30)
+  theirs = hf([image], return_tensors="np")["pixel_values"][0].transpose(0, 2, 3, 1)
+  np.testing.assert_array_equal(preprocess_image(image, spec)[0], theirs)
+
+
 def _write_config(path, **changes):
   cfg = {"size": {"height": 28, "width": 28}, "image_grid_pinpoints": [[28, 28]],
          "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3}

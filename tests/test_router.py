@@ -1,5 +1,6 @@
 """Router: the pseudo-label rule, learning budgets from real routing features, end to end."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -102,8 +103,16 @@ def test_router_training_end_to_end(tiny_run, tmp_path):
   routed = runs.load_run(str(tmp_path / "router"))
   assert routed.cfg.router.enabled and routed.tokenizer.files == runs.describe_run(
       tiny_run).tokenizer.files
+  assert saved["image_processor"] is not None  # the universal run's, carried on
+  assert routed.image_spec == runs.describe_run(tiny_run).image_spec
+  # Router training writes metrics like a training run: a curve per epoch, then the summary.
   logged = [json.loads(line) for line in open(tmp_path / "router" / "metrics.jsonl")]
-  assert logged[0]["router/samples"] == 24  # router training writes metrics too
+  curve = [r for r in logged if "router/loss" in r]
+  assert [r["step"] for r in curve] == list(range(1, 21))
+  assert all(np.isfinite(r["router/loss"]) and 0 <= r["router/accuracy"] <= 1 for r in curve)
+  assert curve[-1]["router/accuracy"] == pytest.approx(stats["router_train_accuracy"])
+  assert [r["router/samples"] for r in logged if "router/samples" in r] == [24]
+  assert os.listdir(tmp_path / "router" / "tensorboard")
   with pytest.raises(ValueError, match=r"router_train.feasible.*not SA candidates"):
     c.router_train.feasible = "[2]"
     router_train.main(c, str(tmp_path / "bad"))

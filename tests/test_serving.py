@@ -22,7 +22,7 @@ from visor_jax import budgets, checkpoints, config_lib
 from visor_jax.evaluation import main as eval_main
 from visor_jax.inference import serving
 from visor_jax.training import config as train_config
-from visor_jax.data import synthetic
+from visor_jax.data import inputs, synthetic
 from visor_jax.models.llava_onevision import LlavaOnevision
 
 FEASIBLE = [[], [4], [1, 4]]
@@ -45,12 +45,15 @@ def random_params(cfg, seed=0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def save_workdir(workdir, config, params, model=None, tokenizer=None):
-  """What train.py leaves behind: checkpoints/<step>/{state, config, model, tokenizer}."""
+def save_workdir(workdir, config, params, model=None, tokenizer=None, image_spec=None):
+  """What train.py leaves behind: checkpoints/<step>/{state, config, model, tokenizer,
+  image_processor} (without `image_spec`: as a checkpoint from before runs kept it)."""
   ckpt = checkpoints.Checkpointer(str(workdir), save_every=1, keep=1, async_save=False)
   state = {"params": jax.tree.map(jnp.asarray, params), "opt_state": {}, "step": jnp.array(1)}
   tokenizer = tokenizer or hf_fixtures.tiny_tokenizer()
-  ckpt.save(1, state, None, config, model or config.model, tokenizer.files, force=True)
+  processor = None if image_spec is None else image_spec.to_hf_dict()
+  ckpt.save(1, state, None, config, model or config.model, tokenizer.files,
+            image_processor=processor, force=True)
   ckpt.close()
 
 
@@ -82,6 +85,13 @@ QUESTIONS = ["What colour is the small square?", "What is the 4-digit code?"]
 
 
 # ------------------------------------------------------------------------------------ serving
+
+
+def test_checkpoint_without_image_processor_uses_the_default(run):
+  """Checkpoints written before runs kept their image processor still load: they were
+  trained with the geometry's default, so that is what they get."""
+  a = run["assistant"]
+  assert a.spec == inputs.processor_spec(a.cfg)
 
 
 def test_loaded_params_equal_saved(run):
@@ -168,11 +178,13 @@ def test_load_transformers_dir(tmp_path):
   config = train_config.default("small")
   config.init_from = directory
   params = nnx.to_pure_dict(nnx.state(a.model, nnx.Param))
-  save_workdir(tmp_path / "run", config, params, model=a.run.model, tokenizer=a.tokenizer)
+  save_workdir(tmp_path / "run", config, params, model=a.run.model, tokenizer=a.tokenizer,
+               image_spec=a.spec)
   shutil.rmtree(directory)
   b = serving.load(str(tmp_path / "run"))
   assert b.cfg.text == a.cfg.text and b.tokenizer.vocab_size == a.tokenizer.vocab_size
   assert b.tokenizer.files == a.tokenizer.files  # every tokenizer file travelled
+  assert b.spec == a.spec  # and the source's image processor (mean 0.4, 0.5, 0.6)
   np.testing.assert_array_equal(np.asarray(b.model.embed[...]), np.asarray(a.model.embed[...]))
 
 

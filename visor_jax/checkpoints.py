@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training run: self-describing, so a run loads anywhere.
 
-Layout: <workdir>/checkpoints/<step>/{state, data, config, model, tokenizer}.
+Layout: <workdir>/checkpoints/<step>/{state, data, config, model, tokenizer, image_processor}.
   state      params, optimizer state and step (sharded arrays, restored onto whatever mesh
              the restoring run uses)
   data       the grain iterator state (one JSON file per process): a resumed run sees exactly
@@ -10,6 +10,9 @@ Layout: <workdir>/checkpoints/<step>/{state, data, config, model, tokenizer}.
              after `init_from`'s config.json and the experiment's settings were merged)
   tokenizer  the tokenizer's files ({name: text}: tokenizer.json, and tokenizer_config.json
              etc. when the run started from a transformers directory)
+  image_processor  how the run preprocessed its images (preprocessor_config.json's fields:
+             `ImageProcessorSpec.to_hf_dict()`), e.g. an `init_from` checkpoint's mean/std;
+             absent from checkpoints written before it was kept (they used the default)
 
 So nothing outside the checkpoint is needed to load it: `runs.load_run` reads these items.
 Restore order used by `training/train.py`: this run's latest checkpoint → `config.init_from`
@@ -26,7 +29,7 @@ import grain
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
-ITEMS = ("state", "data", "config", "model", "tokenizer")
+ITEMS = ("state", "data", "config", "model", "tokenizer", "image_processor")
 
 
 class Checkpointer:
@@ -43,9 +46,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iter: Any, config: Any, model: Any,
-           tokenizer_files: dict[str, str], *, force: bool = False) -> bool:
+           tokenizer_files: dict[str, str], *, image_processor: dict | None = None,
+           force: bool = False) -> bool:
     """Saves if `step` is on the save interval (or `force`); returns whether it saved.
-    `model`: the resolved model ConfigDict; `tokenizer_files`: `Tokenizer.files`."""
+    `model`: the resolved model ConfigDict; `tokenizer_files`: `Tokenizer.files`;
+    `image_processor`: `ImageProcessorSpec.to_hf_dict()` (None: not saved, read back as the
+    geometry's default)."""
     as_json = lambda c: json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") \
         else c
     args = dict(state=ocp.args.StandardSave(state),
@@ -54,6 +60,8 @@ class Checkpointer:
                 tokenizer=ocp.args.JsonSave(dict(tokenizer_files)))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if image_processor is not None:
+      args["image_processor"] = ocp.args.JsonSave(dict(image_processor))
     saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
     if saved:
       log.info("checkpoint: saving step %d to %s", step, self.directory)
@@ -107,7 +115,8 @@ def _step(path: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
 
 def read_run(path: str, step: int | None = None) -> dict:
   """A run's description without its arrays: {'config', 'model' (ConfigDicts), 'tokenizer'
-  ({file name: text}), 'step'} of `step`, a step dir's step, or the latest."""
+  ({file name: text}), 'image_processor' (a dict, or None when not saved), 'step'} of `step`,
+  a step dir's step, or the latest."""
   import ml_collections
   manager, step = _step(path, step)
   names = ("config", "model", "tokenizer")
@@ -117,11 +126,13 @@ def read_run(path: str, step: int | None = None) -> dict:
     raise ValueError(f"{path} step {step}: the checkpoint has no {missing} item(s); it was "
                      "written before runs were self-describing (it cannot be loaded on its "
                      "own).")
+  if "image_processor" in on_disk:
+    names += ("image_processor",)
   raw = manager.restore(step, args=ocp.args.Composite(
       **{n: ocp.args.JsonRestore() for n in names}))
   return dict(config=ml_collections.ConfigDict(raw["config"]),
               model=ml_collections.ConfigDict(raw["model"]), tokenizer=dict(raw["tokenizer"]),
-              step=step)
+              image_processor=raw.get("image_processor"), step=step)
 
 
 def restore_params(path: str, abstract_params: Any, step: int | None = None) -> Any:

@@ -34,7 +34,8 @@ def export(checkpoint: str, out: str, dtype: str = "float32", tokenizer: str | N
   from visor_jax.convert import torch_export
   run = runs.load_run(checkpoint, step)
   files = torch_export.export_params(run.params, run.cfg, out, dtype, tokenizer_dir=tokenizer,
-                                     max_shard_bytes=torch_export.parse_size(max_shard_size))
+                                     max_shard_bytes=torch_export.parse_size(max_shard_size),
+                                     image_spec=run.image_spec)
   if not tokenizer:
     run.tokenizer.save(out)  # every tokenizer file the run carries
   kind = "VISOR" if torch_export.has_visor_parts(run.cfg) else "plain LLaVA-OV"

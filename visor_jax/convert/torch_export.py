@@ -248,18 +248,13 @@ def hf_config_dict(cfg: ModelConfig, dtype) -> dict[str, Any]:
   return out
 
 
-def preprocessor_dict(cfg: ModelConfig) -> dict[str, Any]:
-  """The image processor our training used (`inputs.processor_spec`), in transformers' format."""
-  from visor_jax.data import inputs
-  spec = inputs.processor_spec(cfg)
-  return {
-      "image_processor_type": "LlavaOnevisionImageProcessor",
-      "do_resize": True, "size": {"height": spec.crop_size, "width": spec.crop_size},
-      "resample": spec.resample, "do_rescale": True, "rescale_factor": spec.rescale_factor,
-      "do_normalize": True, "image_mean": list(spec.image_mean), "image_std": list(spec.image_std),
-      "do_pad": True, "do_convert_rgb": True,
-      "image_grid_pinpoints": [list(p) for p in spec.grid_pinpoints],
-  }
+def preprocessor_dict(cfg: ModelConfig, image_spec=None) -> dict[str, Any]:
+  """preprocessor_config.json: `image_spec` (a `preprocess.ImageProcessorSpec`: how the run's
+  images were preprocessed), else the default for the geometry (`inputs.processor_spec`)."""
+  if image_spec is None:
+    from visor_jax.data import inputs
+    image_spec = inputs.processor_spec(cfg)
+  return image_spec.to_hf_dict()
 
 
 def copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
@@ -274,12 +269,14 @@ def _model_config(model: ModelConfig | ml_collections.ConfigDict | dict) -> Mode
 
 def export_params(params: Mapping[str, Any], model, out_dir: str, dtype="float32", *,
                   tokenizer_dir: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  preprocessor: bool = True) -> list[str]:
+                  preprocessor: bool = True, image_spec=None) -> list[str]:
   """Writes an exported directory; returns the safetensors file names written.
 
   params: flat {dotted path: array} or the nested params dict (numpy or jax arrays; each is
   gathered to the host one tensor at a time). model: `ModelConfig` or a `config.model`
-  ConfigDict. dtype: 'float32' or 'bfloat16' (the stored tensor dtype).
+  ConfigDict. dtype: 'float32' or 'bfloat16' (the stored tensor dtype). image_spec: the
+  run's `ImageProcessorSpec` (`Run.image_spec`), written as preprocessor_config.json so that
+  the export preprocesses as its source did (None: the default for the geometry).
   """
   import ml_dtypes
   cfg = _model_config(model)
@@ -291,7 +288,8 @@ def export_params(params: Mapping[str, Any], model, out_dir: str, dtype="float32
   files = write_safetensors(plans, out_dir, dtype, max_shard_bytes)
   _write_json(os.path.join(out_dir, "config.json"), hf_config_dict(cfg, dtype))
   if preprocessor:
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"), preprocessor_dict(cfg))
+    _write_json(os.path.join(out_dir, "preprocessor_config.json"),
+                preprocessor_dict(cfg, image_spec))
   if tokenizer_dir:
     copy_tokenizer(tokenizer_dir, out_dir)
   return files

@@ -68,6 +68,18 @@ class ImageProcessorSpec:
                        f"{sorted(valid)}.")
     set_("resample", int(self.resample))
 
+  def to_hf_dict(self) -> dict[str, Any]:
+    """transformers' `LlavaOnevisionImageProcessor` config (preprocessor_config.json) for this
+    spec; `from_hf_dict` reads it back to an equal spec."""
+    return {
+        "image_processor_type": "LlavaOnevisionImageProcessor",
+        "do_resize": True, "size": {"height": self.crop_size, "width": self.crop_size},
+        "resample": self.resample, "do_rescale": True, "rescale_factor": self.rescale_factor,
+        "do_normalize": True, "image_mean": list(self.image_mean),
+        "image_std": list(self.image_std), "do_pad": True, "do_convert_rgb": True,
+        "image_grid_pinpoints": [list(p) for p in self.grid_pinpoints],
+    }
+
   @classmethod
   def from_hf_dir(cls, path: str | os.PathLike) -> "ImageProcessorSpec":
     """Reads a HF checkpoint directory.
