@@ -232,11 +232,15 @@ def test_restore_onto_a_different_mesh_continues_the_run(tmp_path, synthetic_dir
 def test_init_from_transformers_dir_and_from_another_run(tmp_path, synthetic_dir):
   """Restore order below the run's own checkpoint: init_from an HF directory (stage 1: the
   LLaVA-OV weights stay bit-identical, CA starts as copies), then init_from that run, on a
-  machine where the HF directory no longer exists (the checkpoint describes itself)."""
+  machine where the HF directory no longer exists (the checkpoint describes itself, its
+  image processor included: CLIP's mean/std here, kept through training and export)."""
   import hf_fixtures
+  from visor_jax import export
+  from visor_jax.data import preprocess
   model = hf_fixtures.build_hf_model(model_configs.tiny())
   model.config.text_config.rms_norm_eps = 1e-5  # a setting only config.json knows
-  hf_dir = hf_fixtures.save_hf_dir(model, tmp_path / "hf", hf_fixtures.tiny_tokenizer())
+  hf_dir = hf_fixtures.save_hf_dir(model, tmp_path / "hf", hf_fixtures.tiny_tokenizer(),
+                                   image_mean=(0.48, 0.46, 0.41), image_std=(0.27, 0.26, 0.28))
   from visor_jax.convert import hf_import
   reference, cfg = hf_import.load_hf_model(hf_dir)
   assert cfg.text.rms_norm_eps == 1e-5
@@ -251,11 +255,17 @@ def test_init_from_transformers_dir_and_from_another_run(tmp_path, synthetic_dir
   np.testing.assert_array_equal(got["decoder.cross.attn.k_proj.kernel"][1],
                                 got["decoder.layers.attn.k_proj.kernel"][3])  # CA on layer 3
   hf_files = runs.describe_run(hf_dir).tokenizer.files
+  hf_spec = runs.describe_run(hf_dir).image_spec
+  assert hf_spec.image_mean == (0.48, 0.46, 0.41)
   shutil.rmtree(hf_dir)
   loaded = runs.load_run(str(tmp_path / "stage1"))
   assert loaded.cfg.text.rms_norm_eps == 1e-5 and loaded.tokenizer.files == hf_files
+  assert loaded.image_spec == hf_spec
+  export.export(str(tmp_path / "stage1"), str(tmp_path / "export"))
+  assert preprocess.ImageProcessorSpec.from_hf_dir(str(tmp_path / "export")) == hf_spec
   c2 = tf.tiny_config(synthetic_dir, num_steps=0, init_from=str(tmp_path / "stage1"),
                       **tf.NO_EVAL)
+  assert runs.experiment_image_spec(c2, loaded.cfg) == hf_spec  # stage 2 sees the same pixels
   stage2 = train.main(c2, str(tmp_path / "stage2"))
   again = traverse_util.flatten_dict(jax.device_get(stage2.state["params"]), sep=".")
   for k in got:

@@ -46,7 +46,8 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def step_losses(workdir: str) -> dict[int, float]:
-  """Per-step training loss; a step logged twice (re-run after a resume) keeps its last value."""
+  """Per-step training loss (the step rows: those with 'budget'; a resume rewrites the rows after
+  its checkpoint, so each step has one)."""
   out = {}
   for r in read_metrics(workdir):
     if "budget" in r:

@@ -5,6 +5,8 @@
     run.model      the resolved model geometry (a `config.model` ConfigDict), run.cfg its
                    validated `ModelConfig`
     run.tokenizer  its tokenizer; run.image_spec, run.system_prompt: how it saw its inputs
+                   (image_spec: the source's preprocessor_config.json, or what an Orbax run
+                   saved; export writes it back out)
     run.params     nested dict of arrays, placed on `mesh` (default: one device)
 
 `path` is any of
@@ -18,8 +20,8 @@
     every parameter, VISOR's included, exactly as stored.
 
 Serving, export, router training, evaluation and the trainer's `init_from` all come through
-here. `experiment_model_and_tokenizer` and `initial_params` are the trainer's side: what a new
-run starts from.
+here. `experiment_model_and_tokenizer`, `experiment_image_spec` and `initial_params` are the
+trainer's side: what a new run starts from.
 """
 from __future__ import annotations
 
@@ -94,6 +96,7 @@ def describe_run(path: str, step: int | None = None, model_overrides: dict | Non
   kind = kind_of(path)
   if kind != "orbax" and step is not None:
     raise ValueError(f"{path} is a {kind} directory: it has no steps (step={step}).")
+  saved = None
   if kind == "orbax":
     saved = checkpoints.read_run(path, step)
     config, model, step = saved["config"], saved["model"], saved["step"]
@@ -113,7 +116,7 @@ def describe_run(path: str, step: int | None = None, model_overrides: dict | Non
                      f"vocabulary is {cfg.text.vocab_size}.")
   workdir = os.path.dirname(checkpoints.checkpoint_dir(path)[0]) if kind == "orbax" else ""
   return Run(kind=kind, path=path, step=step, config=config, model=model, cfg=cfg,
-             tokenizer=tokenizer, image_spec=_image_spec(cfg, path, kind),
+             tokenizer=tokenizer, image_spec=_image_spec(cfg, path, kind, saved),
              system_prompt=system, workdir=workdir)
 
 
@@ -131,12 +134,13 @@ def load_run(path: str, step: int | None = None, mesh: jax.sharding.Mesh | None 
 
 
 def in_memory(config: ml_collections.ConfigDict, model: ml_collections.ConfigDict,
-              tokenizer: Tokenizer, params: Any, workdir: str, step: int) -> Run:
+              tokenizer: Tokenizer, params: Any, workdir: str, step: int,
+              image_spec: preprocess.ImageProcessorSpec | None = None) -> Run:
   """A training run still in memory, as `load_run(workdir)` would return it after its next
   checkpoint (the trainer's end-of-run evaluation uses it: nothing is reloaded)."""
   cfg = config_lib.model_config(model)
   return Run(kind="orbax", path=workdir, step=step, config=config, model=model, cfg=cfg,
-             tokenizer=tokenizer, image_spec=inputs.processor_spec(cfg),
+             tokenizer=tokenizer, image_spec=image_spec or inputs.processor_spec(cfg),
              system_prompt=config.data.get("system_prompt", DEFAULT_SYSTEM_PROMPT),
              params=params, workdir=workdir)
 
@@ -193,10 +197,14 @@ def random_params(cfg: config_lib.ModelConfig, seed: int, shardings: Any) -> dic
   return jax.jit(init, static_argnums=0, out_shardings=shardings)(seed)
 
 
-def _image_spec(cfg: config_lib.ModelConfig, path: str, kind: str
+def _image_spec(cfg: config_lib.ModelConfig, path: str, kind: str, saved: dict | None
                 ) -> preprocess.ImageProcessorSpec:
-  """A transformers/exported directory's preprocessor_config.json when it ships one; else (and
-  always for Orbax runs) the image processor the training pipeline uses."""
+  """An Orbax run's saved image processor; a transformers/exported directory's
+  preprocessor_config.json when it ships one; else (older checkpoints, bare directories) the
+  default for the geometry, which is what the training pipeline used before runs kept theirs."""
+  if saved and saved.get("image_processor"):
+    return preprocess.ImageProcessorSpec.from_hf_dict(
+        saved["image_processor"], source=f"{path} step {saved['step']} image_processor")
   if kind != "orbax" and any(os.path.isfile(os.path.join(path, f))
                              for f in ("preprocessor_config.json", "processor_config.json")):
     return preprocess.ImageProcessorSpec.from_hf_dir(path)
@@ -205,6 +213,30 @@ def _image_spec(cfg: config_lib.ModelConfig, path: str, kind: str
 
 # ---------------------------------------------------------------------------------------------
 # A new run: its model, tokenizer and starting weights.
+
+def check_source(field: str, path: str) -> None:
+  """`path` (the config field `field`) is a run `load_run` reads; else an error naming the field,
+  raised before anything is built or compiled."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.{field}={path}: no such file or directory (expected a "
+                            "transformers directory, an exported one or an Orbax workdir).")
+  try:
+    kind_of(path)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.{field}={e}") from None  # e starts with the path
+
+
+def check_experiment_paths(config: ml_collections.ConfigDict) -> None:
+  """Every path a training config names exists (`init_from`, `tokenizer`, the data files):
+  the trainer calls this first, so a typo fails in seconds, not after the data build and the
+  compiles."""
+  if config.init_from:
+    check_source("init_from", config.init_from)
+  if config.tokenizer and config.tokenizer != "synthetic" and not os.path.isdir(config.tokenizer):
+    raise FileNotFoundError(f"config.tokenizer={config.tokenizer}: no such directory (expected "
+                            "one with tokenizer.json, or 'synthetic').")
+  sources.check_paths(config.data)
+
 
 def experiment_model_and_tokenizer(config: ml_collections.ConfigDict
                                    ) -> tuple[ml_collections.ConfigDict, Tokenizer]:
@@ -234,6 +266,17 @@ def experiment_model_and_tokenizer(config: ml_collections.ConfigDict
     raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size "
                      f"is {model.text.vocab_size}.")
   return model, tokenizer
+
+
+def experiment_image_spec(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig
+                          ) -> preprocess.ImageProcessorSpec:
+  """How a new run preprocesses its images: as its `init_from` source does (a transformers
+  checkpoint's preprocessor_config.json, e.g. CLIP's mean/std, or a run's saved one), so that
+  fine-tuning sees the pixels the weights were trained on and the run's checkpoints and exports
+  carry them on; from scratch, the default for the geometry."""
+  if config.init_from:
+    return describe_run(config.init_from).image_spec
+  return inputs.processor_spec(cfg)
 
 
 def initial_params(config: ml_collections.ConfigDict, cfg: config_lib.ModelConfig,

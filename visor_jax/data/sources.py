@@ -7,12 +7,13 @@ records a split holds.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import ml_collections
 
 from visor_jax.config_lib import ModelConfig
-from visor_jax.data import pages, pipeline, synthetic
+from visor_jax.data import pages, pipeline, preprocess, synthetic
 from visor_jax.data.tokenizer import Tokenizer
 
 SOURCES = ("synthetic", "pages", "json")
@@ -66,10 +67,29 @@ def corpus(data: ml_collections.ConfigDict) -> list[str]:
   return (found[0] if found else synthetic).corpus()
 
 
+class _DropTfdsChatter(logging.Filter):
+  """tfds logs through absl below ERROR on every builder it makes ("Using custom data
+  configuration", "Variant folder ... has no dataset_info.json"): noise for the embedded
+  datasets, whose builders are made over and over and always carry a custom config."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
+def quiet_tfds() -> None:
+  """No tfds progress bars (escape codes in logs) and no tfds info/warnings below ERROR."""
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropTfdsChatter) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropTfdsChatter())
+
+
 def source_for(data: ml_collections.ConfigDict, split: str, workdir: str):
   """The records of one split (None when a JSON run has no file for it)."""
   found = embedded(data)
   if found is not None:
+    quiet_tfds()
     module, params = found
     directory = synthetic_dir(data, workdir)
     module.build(directory, **params)  # a no-op when already built
@@ -80,6 +100,22 @@ def source_for(data: ml_collections.ConfigDict, split: str, workdir: str):
   raise ValueError(f"data.source={data.source!r} is not one of {SOURCES}.")
 
 
+def check_paths(data: ml_collections.ConfigDict) -> None:
+  """A JSON run's files exist, else an error naming the config field (checked before anything
+  is built or compiled). Embedded sources build their own data: nothing to check."""
+  if data.get("source") != "json":
+    return
+  if not data.json_path:
+    raise ValueError("config.data.json_path is not set: source='json' trains on a LLaVA-format "
+                     ".json/.jsonl file.")
+  for field, isdir in (("json_path", False), ("eval_json_path", False),
+                       ("eval_questions", False), ("image_root", True)):
+    path = data.get(field)
+    if path and not (os.path.isdir if isdir else os.path.isfile)(path):
+      kind = "directory" if isdir else "file"
+      raise FileNotFoundError(f"config.data.{field}={path}: no such {kind}.")
+
+
 def pipeline_kwargs(data: ml_collections.ConfigDict) -> dict:
   """`config.data` as the pipeline's keyword arguments (0 = derive from the model)."""
   d = data.to_dict()
@@ -88,14 +124,18 @@ def pipeline_kwargs(data: ml_collections.ConfigDict) -> dict:
   return d
 
 
-def train_iterator(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str):
-  """Shuffled, repeated, host-sharded, checkpointable training batches."""
+def train_iterator(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str,
+                   image_spec: preprocess.ImageProcessorSpec | None = None):
+  """Shuffled, repeated, host-sharded, checkpointable training batches (images preprocessed
+  as `image_spec` says; None: the default for the geometry)."""
   return pipeline.make_iterator(source_for(config.data, "train", workdir), tokenizer, cfg,
-                                pipeline_kwargs(config.data), num_epochs=None, shuffle=True)
+                                pipeline_kwargs(config.data), num_epochs=None, shuffle=True,
+                                image_spec=image_spec)
 
 
 def eval_batches(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str, split: str =
-                 "validation", limit: int | None = None) -> list[dict]:
+                 "validation", limit: int | None = None,
+                 image_spec: preprocess.ImageProcessorSpec | None = None) -> list[dict]:
   """The first `limit` (default `config.eval_batches`) batches of one in-order pass over
   `split`; [] when the run has no such split."""
   source = source_for(config.data, split, workdir)
@@ -103,7 +143,8 @@ def eval_batches(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str, s
     return []
   limit = config.eval_batches if limit is None else limit
   it = pipeline.make_iterator(source, tokenizer, cfg, pipeline_kwargs(config.data),
-                              num_epochs=1, shuffle=False, num_workers=0)
+                              num_epochs=1, shuffle=False, num_workers=0,
+                              image_spec=image_spec)
   out = []
   for batch in it:
     if len(out) == limit:

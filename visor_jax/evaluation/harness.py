@@ -172,6 +172,7 @@ def synthetic_items(data_dir: str, split: str = "test", limit: int | None = None
   from visor_jax.data import sources  # tensorflow_datasets: imported only when used
   if dataset not in sources.EMBEDDED:
     raise ValueError(f"dataset={dataset!r} is not one of {sorted(sources.EMBEDDED)}.")
+  sources.quiet_tfds()
   recs = sources.EMBEDDED[dataset][0].records(split, data_dir, **params)
   n = len(recs) if limit is None else min(limit, len(recs))
   return items_from_synthetic((recs[i] for i in range(n)), dataset=dataset)

@@ -105,8 +105,8 @@ def training_items(config, workdir: str) -> tuple[list[harness.Item], harness.Sk
   if d.get("eval_questions"):
     items, skips = harness.load_questions(d.eval_questions, d.image_root or None)
     return items[:limit], skips
-  log.warning("no end-of-run accuracy: data.eval_questions is not set for this "
-              "source=%r run (the teacher-forced eval metrics are still written).", d.source)
+  log.warning("no end-of-run accuracy table: data.eval_questions is not set for this "
+              "source=%r run.", d.source)
   return [], harness.Skips()
 
 

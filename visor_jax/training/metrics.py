@@ -1,5 +1,6 @@
 """Metrics: `clu.metrics` for aggregation; TensorBoard event files (tensorboardX, no
-TensorFlow) and a JSONL log in the workdir; human progress lines. Only process 0 writes."""
+TensorFlow) and a JSONL log in the workdir; human progress lines. Only process 0 writes.
+A resumed run rewrites neither twice (`Writer`)."""
 from __future__ import annotations
 
 import json
@@ -30,22 +31,48 @@ class Averages:
 
 
 class Writer:
-  """Scalars to TensorBoard and `metrics.jsonl`; a no-op on processes other than 0."""
+  """Scalars to TensorBoard and `metrics.jsonl`; a no-op on processes other than 0.
 
-  def __init__(self, workdir: str):
+  A run reopened at `start_step` (the step its checkpoint holds; 0 for a fresh start) redoes
+  every later step, so a previous attempt's rows after it are dropped from metrics.jsonl
+  (rewritten atomically) before anything is appended, as are step `start_step`'s scalars
+  whose names start with one of `redo` (a finished run's rerun repeats its evaluation).
+  Each (step, name) is then written once.
+
+  TensorBoard: every attempt writes a new event file (tensorboardX cannot append to one). It
+  opens with a purge at `start_step` (TensorBoard's legacy loader then ignores the older files'
+  events from that step on; the default loader, RustBoard, lets a later point of a scalar
+  replace every earlier one at or after its step) and repeats the kept step-`start_step` rows,
+  so each scalar shows once per step under either loader.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0, redo: tuple[str, ...] = ()):
     self.enabled = jax.process_index() == 0
     self._tb = self._jsonl = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      path = os.path.join(workdir, "metrics.jsonl")
+      kept = _drop_rows_after(path, start_step, redo)
+      tb_dir = os.path.join(workdir, "tensorboard")
+      attempt = sum("tfevents" in f for f in os.listdir(tb_dir)) if os.path.isdir(tb_dir) else 0
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      # Event files are named by the second they open; the attempt number keeps two opened in
+      # the same second apart, in order (TensorBoard reads them sorted by name).
+      self._tb = SummaryWriter(tb_dir, purge_step=start_step if attempt else None,
+                               filename_suffix=f".{attempt:04d}")
+      if attempt:
+        for row in kept:
+          self._add_tb(start_step, {k: v for k, v in row.items() if k != "step"})
+      self._jsonl = open(path, "a")
+
+  def _add_tb(self, step: int, scalars: dict) -> None:
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, v, step)
+    self._add_tb(step, scalars)
     self._jsonl.write(json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in
                                                           scalars.items()}}) + "\n")
     self._jsonl.flush()
@@ -54,6 +81,40 @@ class Writer:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int, redo: tuple[str, ...]) -> list[dict]:
+  """Rewrites metrics.jsonl without its rows after `step` and without step `step`'s `redo`
+  scalars; returns the rows kept at `step`. Streamed to a temporary file that replaces the old
+  one only when something was dropped: a kill mid-way leaves the old file, never half of it."""
+  if not os.path.exists(path):
+    return []
+  tmp, at_step, changed = path + ".tmp", [], False
+  with open(path) as src, open(tmp, "w") as dst:
+    for line in src:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a kill
+        changed = True
+        continue
+      if row["step"] > step:
+        changed = True
+        continue
+      if row["step"] == step:
+        trimmed = {k: v for k, v in row.items() if not k.startswith(redo)} if redo else row
+        if trimmed != row:
+          changed, line = True, json.dumps(trimmed) + "\n"
+        if len(trimmed) == 1:  # nothing but "step" left
+          continue
+        at_step.append(trimmed)
+      if not line.endswith("\n"):  # the last line, cut short after its JSON
+        changed, line = True, line + "\n"
+      dst.write(line)
+  if changed:
+    os.replace(tmp, path)
+  else:
+    os.remove(tmp)
+  return at_step
 
 
 def _jsonable(v):

@@ -11,7 +11,8 @@ then the router MLP trained with cross-entropy. No RL, no Gumbel.
    LVLM is frozen, so features are computed once and the MLP trains on them directly.
 4. The result is a new run directory: the universal params plus the router, with
    `model.router.feasible` set, loadable by serving, evaluation and export like any run
-   (`runs.load_run`). Metrics go to its metrics.jsonl / TensorBoard like a training run's.
+   (`runs.load_run`). Metrics go to its metrics.jsonl / TensorBoard like a training run's:
+   `router/loss` and `router/accuracy` per epoch (the step axis), then the summary.
 
     python -m visor_jax.main --config=configs/router.py --workdir=/tmp/visor_router \\
       --config.router_train.from_workdir=/tmp/visor_universal
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +76,10 @@ def make_label_fn(graphdef, kind: str):
 
 
 def train_router(router: Router, features: np.ndarray, labels: np.ndarray, *, epochs: int,
-                 lr: float, batch_size: int, seed: int) -> float:
-  """Cross-entropy on (features, labels); returns the final training accuracy."""
+                 lr: float, batch_size: int, seed: int,
+                 on_epoch: Callable[[int, dict], None] = lambda epoch, scalars: None) -> float:
+  """Cross-entropy on (features, labels); returns the final training accuracy. After each
+  epoch, `on_epoch(epoch, {'loss': its mean batch loss, 'accuracy': training accuracy})`."""
   graphdef, params = nnx.split(router)
   tx = optax.adam(lr)
   opt = tx.init(params)
@@ -89,21 +93,28 @@ def train_router(router: Router, features: np.ndarray, labels: np.ndarray, *, ep
     updates, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, updates), opt, loss
 
+  @jax.jit
+  def accuracy(params, x, y):
+    return (jnp.argmax(nnx.merge(graphdef, params)(x), -1) == y).mean()
+
   rng = np.random.default_rng(seed)
   n = len(labels)
-  for _ in range(epochs):
-    order = rng.permutation(n)
+  for epoch in range(1, epochs + 1):
+    order, losses = rng.permutation(n), []
     for i in range(0, n, batch_size):
       idx = order[i:i + batch_size]
-      params, opt, _ = step(params, opt, features[idx], labels[idx])
+      params, opt, loss = step(params, opt, features[idx], labels[idx])
+      losses.append(loss)
+    on_epoch(epoch, {"loss": float(np.mean(jax.device_get(losses))),
+                     "accuracy": float(accuracy(params, features, labels))})
   nnx.update(router, params)
-  pred = np.asarray(jnp.argmax(router(jnp.asarray(features)), -1))
-  return float((pred == labels).mean())
+  return float(accuracy(params, features, labels))
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Builds pseudo-labels, trains the router, writes a run with the router; returns stats."""
   r = config.router_train
+  runs.check_source("router_train.from_workdir", r.from_workdir)  # before anything compiles
   os.makedirs(workdir, exist_ok=True)
 
   # ---------------------------------------------------------------- the frozen universal run
@@ -128,7 +139,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = sources.source_for(sources.question_format(run.data), r.split, universal.workdir)
   it = pipeline.make_iterator(source, universal.tokenizer, universal_cfg,
                               sources.pipeline_kwargs(run.data), num_epochs=1, shuffle=False,
-                              num_workers=0)
+                              num_workers=0, image_spec=universal.image_spec)
   feats, scores, groups = [], [], []
   for batch in it:
     keep = batch["sample_valid"] & (batch["targets"] >= 0).any(axis=1)
@@ -141,9 +152,13 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   labels = pseudo_labels(scores[:, :-1], scores[:, -1], r.ratio)
 
   # ---------------------------------------------------------------- router
+  # Training curves per epoch (the x axis), then the summary at the last epoch. The router is
+  # retrained from scratch on every run: a rerun replaces all earlier rows.
+  writer = metrics.Writer(workdir)
   router = Router(cfg, rngs=nnx.Rngs(config.seed))
   acc = train_router(router, feats, labels, epochs=r.epochs, lr=r.lr, batch_size=r.batch_size,
-                     seed=config.seed)
+                     seed=config.seed, on_epoch=lambda epoch, m: writer.write(
+                         epoch, {f"router/{k}": v for k, v in m.items()}))
   chosen = np.asarray(jnp.argmax(router(jnp.asarray(feats)), -1))
   n_sa = np.array([len(s) for s in cfg.router.feasible])
   stats = {"samples": int(len(labels)), "router_train_accuracy": acc,
@@ -153,8 +168,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stats[f"mean_sa_label_{name}"] = float(n_sa[labels[sel]].mean())
     stats[f"mean_sa_router_{name}"] = float(n_sa[chosen[sel]].mean())
   metrics.log("router: %s", stats)
-  writer = metrics.Writer(workdir)
-  writer.write(0, {f"router/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+  writer.write(r.epochs, {f"router/{k}": v for k, v in stats.items()
+                          if isinstance(v, (int, float))})
   writer.close()
 
   # ---------------------------------------------------------------- a run with the router
@@ -172,7 +187,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shutil.copytree(data_dir, os.path.join(workdir, "synthetic_data"))  # evaluation finds it
   ckpt = checkpoints.Checkpointer(workdir, save_every=1, keep=1, async_save=False)
   ckpt.save(0, {"params": out_params, "opt_state": {}, "step": np.int32(0)}, None, out_config,
-            model_dict, universal.tokenizer.files, force=True)
+            model_dict, universal.tokenizer.files,
+            image_processor=universal.image_spec.to_hf_dict(), force=True)
   ckpt.close()
   with open(os.path.join(workdir, "router_stats.json"), "w") as f:
     json.dump({**stats, "feasible": [list(s) for s in cfg.router.feasible]}, f, indent=2)

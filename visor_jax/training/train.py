@@ -1,8 +1,9 @@
-"""The trainer: one linear `main()` in banner sections (big_vision style).
+"""The trainer: one linear `_train()` in banner sections (big_vision style), behind `main()`,
+which holds the SIGTERM handler from its first line (`_Preempted`).
 
-mesh → data → model shapes → sharding → update step → restore → loop → eval. Everything a
-section needs comes from the config; the budget of each step is sampled on the host (a pure
-function of seed and step) and enters the one compiled step as data.
+path checks → mesh → data → model shapes → sharding → update step → restore → loop → eval.
+Everything a section needs comes from the config; the budget of each step is sampled on the
+host (a pure function of seed and step) and enters the one compiled step as data.
 
 Evaluation at the end is the evaluation harness's (generated answers scored by
 `evaluation/metrics.py`, the same numbers `python -m visor_jax.evaluation.main` prints) on
@@ -32,16 +33,34 @@ from visor_jax.training import metrics, optim, steps
 log = logging.getLogger(__name__)
 
 
+class _StartupPreempted(BaseException):
+  """SIGTERM before the first step. A BaseException, like KeyboardInterrupt, so that no library's
+  `except Exception` swallows it."""
+
+
 class _Preempted:
-  """SIGTERM (TPU preemption) sets a flag; the loop checkpoints and exits cleanly."""
+  """SIGTERM (TPU preemption), installed first thing. During startup (data build, restore,
+  compiles) it raises `_StartupPreempted` at once: no step has run, so nothing needs saving and
+  the grace period is better spent exiting (a dataset build is atomic: tfds renames a finished
+  build into place). From `arm()` on (the loop), it sets a flag; the loop checkpoints the step
+  in flight and exits. Either way the process exits 0; rerunning the command resumes."""
 
   def __init__(self):
     self.flag = False
-    signal.signal(signal.SIGTERM, self._handler)
+    self._armed = False
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def arm(self) -> None:
+    self._armed = True
 
   def _handler(self, signum, frame):
+    if not self._armed:
+      raise _StartupPreempted()
     log.warning("SIGTERM received: will checkpoint and exit after this step.")
     self.flag = True
+
+  def uninstall(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
 
 
 def _eval_scalars(results: dict) -> dict:
@@ -61,7 +80,7 @@ def maybe_initialize_distributed(config) -> None:
 
 @dataclasses.dataclass
 class TrainResult:
-  state: dict            # the final train state (sharded arrays)
+  state: dict            # the final train state (sharded arrays); {} if preempted at startup
   eval: dict             # the harness's summary ({'runs': [...]}); empty if preempted/skipped
   teacher_forced: dict   # {budget label: {'tf_exact', 'loss', 'n'}} of the last eval
   preempted: bool = False
@@ -69,9 +88,43 @@ class TrainResult:
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains, checkpoints, evaluates; prints and returns the eval table's results."""
+  preempted = _Preempted()  # first: a preemption may come during the data build or compiles
+  try:
+    return _train(config, workdir, preempted)
+  except _StartupPreempted:
+    metrics.log("preempted during startup (SIGTERM before the first step): no step ran, "
+                "nothing to checkpoint; exiting")
+    return TrainResult({}, {}, {}, preempted=True)
+  finally:
+    preempted.uninstall()
+
+
+def _no_teacher_forced_reason(config) -> str:
+  if config.data.source == "json" and not config.data.eval_json_path:
+    return f"data.eval_json_path is not set for this source={config.data.source!r} run"
+  return "the validation split gave no batch"
+
+
+def _lr_schedules(o, labels: dict[str, str], num_steps: int) -> dict[str, np.ndarray]:
+  """{scalar name: learning rate per step index}, from the optimizer's own schedules: 'lr' when
+  every trained group has the same, else 'lr/<group>'. (A skipped non-finite update does not
+  advance optax's count; the logged value is the schedule's at the step regardless.)"""
+  groups = sorted({g for g in labels.values() if g != optim.FROZEN})
+  lr_mult = dict(o.get("lr_mult", {}) or {})
+  mult = {g: lr_mult.get(g, 1.0) for g in groups}
+  index = np.arange(max(num_steps, 1))
+  by_mult = {m: np.asarray(optim.schedule(o, num_steps, m)(index)) for m in set(mult.values())}
+  if len(by_mult) == 1:
+    return {"lr": by_mult.popitem()[1]}
+  return {f"lr/{g}": by_mult[mult[g]] for g in groups}
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempted
+           ) -> TrainResult:
+  # Every path the config names is checked before anything builds or compiles.
+  runs.check_experiment_paths(config)
   maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)
-  writer = metrics.Writer(workdir)
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -87,12 +140,16 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   # ---------------------------------------------------------------- data
   model_dict, tokenizer = runs.experiment_model_and_tokenizer(config)
   cfg = config_lib.model_config(model_dict)
+  image_spec = runs.experiment_image_spec(config, cfg)  # init_from's preprocessing, if any
   # Checked before compiling; 'all' (every layer SA: the LLaVA-OV base) is a valid budget.
   layer_sets = budgets_lib.resolve(config.budgets, cfg, "budgets", allow_all=True)
   eval_sets = (budgets_lib.resolve(config.eval_budgets, cfg, "eval_budgets", allow_all=True)
                if config.eval_budgets else layer_sets)
-  train_iter = sources.train_iterator(config, cfg, tokenizer, workdir)
-  eval_batches = sources.eval_batches(config, cfg, tokenizer, workdir)
+  train_iter = sources.train_iterator(config, cfg, tokenizer, workdir, image_spec)
+  eval_batches = sources.eval_batches(config, cfg, tokenizer, workdir, image_spec=image_spec)
+  if config.eval_batches and not eval_batches:
+    log.warning("no teacher-forced eval (eval/<budget>/tf_exact, loss): %s.",
+                _no_teacher_forced_reason(config))
 
   # ---------------------------------------------------------------- model shapes
   abstract_model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(config.seed)))
@@ -100,6 +157,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   abstract_params = nnx.to_pure_dict(abstract_params)
   labels = optim.param_labels(abstract_params, config.optim.param_groups)
   tx = optim.make_optimizer(config.optim, labels, config.num_steps)
+  lr_schedules = _lr_schedules(config.optim, labels, config.num_steps)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
   n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       optim.split(abstract_params, labels)[0]))
@@ -138,9 +196,14 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   else:
     state = init_state(runs.initial_params(config, cfg, param_sh))
   first_step = int(state["step"])
+  # Opened at the restored step: a previous attempt's rows after it are dropped, and a finished
+  # run's rerun replaces its evaluation's rows (see metrics.Writer).
+  writer = metrics.Writer(workdir, first_step,
+                          redo=("eval/",) if first_step >= config.num_steps else ())
 
   def save(step: int, force: bool = False) -> None:
-    ckpt.save(step, state, train_iter, config, model_dict, tokenizer.files, force=force)
+    ckpt.save(step, state, train_iter, config, model_dict, tokenizer.files,
+              image_processor=image_spec.to_hf_dict(), force=force)
 
   def teacher_forced() -> dict:
     if not eval_batches:
@@ -155,10 +218,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     return budgets_lib.mask(cfg, layer_sets[i], batch_size), i
 
   # ---------------------------------------------------------------- loop
-  preempted = _Preempted()
+  preempted.arm()  # from here a SIGTERM checkpoints the step in flight
   progress = metrics.Progress(first_step, config.num_steps)
   averages = metrics.Averages()
   bad_counts = np.zeros(len(pipeline.BAD_REASONS), np.int64)
+  num_truncated = 0  # samples cut at data.max_text_len (data.overlong='truncate')
   tokens_since_log = 0
   compiled_steps = {}  # text bucket shape → the compiled step
   pending = None  # (step, budget index, device metrics): read one step late, so the host
@@ -176,11 +240,13 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     averages.add(loss=m["loss"], grad_norm=m["grad_norm"])
     tokens_since_log += int(m["tokens"])
     writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"],
-                        "budget": budget_idx, "finite": int(m["finite"])})
+                        "budget": budget_idx, "finite": int(m["finite"]),
+                        **{k: float(v[step - 1]) for k, v in lr_schedules.items()}})
 
   for step in range(first_step, config.num_steps):
     batch = next(train_iter)
     bad_counts += batch["bad_counts"]
+    num_truncated += int(np.sum(batch["truncated"] & batch["sample_valid"]))
     budget, budget_idx = budget_for(step, batch["tokens"].shape[0])
     global_batch = sharding.to_global(batch, mesh, pipeline.HOST_FIELDS)
     bucket = batch["tokens"].shape
@@ -196,18 +262,21 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       finish(pending)
     pending = (step + 1, budget_idx, step_metrics)
     done = step + 1
-    metrics.log("step %d: budget %s", done, budgets_lib.label(layer_sets[budget_idx]))
+    log.debug("step %d: budget %s", done, budgets_lib.label(layer_sets[budget_idx]))
 
     if done % config.log_every == 0 or done == config.num_steps or preempted.flag:
       finish(pending)
       pending = None
-      scalars = {**averages.compute_and_reset(), **progress.update(done, tokens_since_log)}
+      scalars = progress.update(done, tokens_since_log)
       tokens_since_log = 0
       scalars.update({f"bad/{r}": int(c) for r, c in zip(pipeline.BAD_REASONS, bad_counts)})
+      scalars["data/truncated"] = num_truncated
       scalars["compilations"] = len(compiled_steps)
       writer.write(done, scalars)
+      # The interval's mean loss is the console's; metrics hold every step's, once per step.
       metrics.log("%s  compilations %d", metrics.format_progress(
-          done, config.num_steps, scalars), scalars["compilations"])
+          done, config.num_steps, {**averages.compute_and_reset(), **scalars}),
+          scalars["compilations"])
     if preempted.flag:
       save(done, force=True)
       ckpt.close()
@@ -225,7 +294,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   items, skips = eval_main.training_items(config, workdir)
   if items:
     run = runs.in_memory(config, model_dict, tokenizer, state["params"], workdir,
-                         int(state["step"]))
+                         int(state["step"]), image_spec)
     summary = eval_main.evaluate(
         run, items, os.path.join(workdir, "eval"), layer_sets=eval_sets, skips=skips,
         batch_size=config.data.batch_size, max_new_tokens=config.eval_max_new_tokens,
