@@ -2,11 +2,13 @@ r"""Stage 2: train everything (LLaVA-OV's rates: 1e-5 LLM, 2e-6 vision tower; ne
 maximal configuration, starting from the stage-1 run.
 
   python -m visor_jax.main --workdir=/tmp/visor_stage2 \
-    --config=configs/stage2.py:model=llava_ov_0_5b,source=json,steps=25000,batch=128 \
-    --config.init_from=/tmp/visor_stage1 \
+    --config=configs/stage2.py:model=llava_ov_0_5b,source=json,steps=25000,batch=128,init_from=/tmp/visor_stage1 \
     --config.data.json_path=/data/llava_ov_si.jsonl --config.data.image_root=/data/img
 
-With no arguments it runs the same recipe on the small model and synthetic data (CPU).
+`init_from` goes in the variant: the rates below are chosen from it here, before any
+`--config.*` flag applies (a `--config.init_from=` flag would keep the from-scratch 1e-3 for
+everything). With no arguments it runs the same recipe on the small model and synthetic data
+(CPU).
 """
 from visor_jax.training import config as train_config
 

@@ -1,7 +1,6 @@
 """The evaluation harness with a fake answer_fn: hand-checkable aggregation, skipped input,
 result files, the Pareto plot and the feasible-budget frontier."""
 import json
-import os
 
 import numpy as np
 import PIL.Image
@@ -59,7 +58,8 @@ def test_load_questions_reports_and_skips(qfile):
   q4 = items[-1]
   assert q4.dataset == "vqa" and q4.tags == () and q4.answers == ("2",) * 10
   assert items[2].answers == ("7",) and items[2].tags == ("easy", "chart")
-  assert os.path.isabs(items[0].image) and os.path.isfile(items[0].image)
+  # Paths stay as written, with the root they are read under (the file's directory).
+  assert items[0].image == "img.png" and items[0].image_root == str(qfile.parent)
 
 
 def test_run_eval_aggregates_by_dataset_and_tag(qfile):
@@ -70,7 +70,7 @@ def test_run_eval_aggregates_by_dataset_and_tag(qfile):
   assert r["kind"] == "router" and r["label"] == "router" and r["sa_layers"] is None
   assert r["n_scored"] == 4 and r["n_items"] == 9
   assert r["skipped"] == {"invalid_json": 1, "missing_field": 1, "bad_field": 1,
-                          "missing_image": 1, "corrupt_image": 1}
+                          "missing_image": 1, "corrupt_image": 1, "unsafe_path": 0}
   assert {e["source"] for e in r["skipped_examples"]} >= {"vqa.jsonl:8", "vqa.jsonl:9"}
   assert dict(skips.counts) == {"invalid_json": 1, "missing_field": 1, "bad_field": 1}  # copied
 
@@ -128,6 +128,39 @@ def test_odd_image_reference_is_skipped_not_fatal():
   r = harness.run_eval([item], lambda batch: [("a", [], 1.0, 1.0)] * len(batch))
   assert r["n_scored"] == 0 and r["skipped"]["bad_field"] == 1
   assert np.isnan(r["overall"]["accuracy"])
+
+
+def test_image_paths_are_confined_to_the_image_root(tmp_path):
+  """A question file is untrusted input, like a training JSON: an absolute image path, a `..`
+  out of the root and a symlink out of it are skipped as `unsafe_path` (never opened, never
+  answered) and counted; with an explicit image root, paths resolve there instead."""
+  root, outside = tmp_path / "bench", tmp_path / "elsewhere"
+  root.mkdir(), outside.mkdir()
+  for d in (root, outside):
+    PIL.Image.new("RGB", (8, 6), (200, 10, 10)).save(d / "img.png")
+  (root / "link.png").symlink_to(outside / "img.png")
+  qfile = root / "q.jsonl"
+  qfile.write_text("\n".join([
+      _line(id="ok", answers=["red"]),
+      _line(id="abs", image=str(outside / "img.png"), answers=["red"]),
+      _line(id="up", image="../elsewhere/img.png", answers=["red"]),
+      _line(id="link", image="link.png", answers=["red"]),
+  ]) + "\n")
+  items, skips = harness.load_questions(qfile)
+  seen = []
+  answer_fn = lambda batch: seen.extend(it.id for it in batch) or [("red", [], 1.0, 1.0)] * len(
+      batch)
+  r = harness.run_eval(items, answer_fn, skips=skips)
+  assert seen == ["ok"] and r["n_scored"] == 1 and r["n_items"] == 4
+  assert r["skipped"]["unsafe_path"] == 3
+  assert {e["source"] for e in r["skipped_examples"]} == {"q.jsonl:2", "q.jsonl:3", "q.jsonl:4"}
+  # An explicit root replaces the file's directory: "img.png" is the one there, a `..` that
+  # comes back into it is fine, an absolute path is still refused.
+  seen.clear()
+  items, skips = harness.load_questions(qfile, image_root=outside)
+  r = harness.run_eval(items, answer_fn, skips=skips)
+  assert seen == ["ok", "up"]
+  assert r["skipped"]["unsafe_path"] == 1 and r["skipped"]["missing_image"] == 1  # abs; link
 
 
 def test_result_json_file(qfile, tmp_path):

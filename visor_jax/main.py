@@ -10,24 +10,37 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/universal.py", "Experiment config file.",
-                                lock_config=False)
-flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and the synthetic data go here.")
+
+def define_flags(fv, argv=None) -> None:
+  """The command's flags, on `fv` (absl's global FLAGS when run as a command; a fresh
+  `FlagValues` lets a test parse a README command line in process without claiming the
+  global names `config` / `workdir`, which other entry points define too). `argv`: the
+  command line `fv` will parse, when it is not sys.argv (ml_collections reads the
+  `--config.*` overrides from it)."""
+  config_flags.DEFINE_config_file("config", "configs/universal.py", "Experiment config file.",
+                                  lock_config=False, flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics and the synthetic data go "
+                      "here.", flag_values=fv)
+
+
+def run(config, workdir: str):
+  """What the config names: router training (configs/router.py) or training; returns its
+  result (`router_train.main`'s stats, `train.main`'s result)."""
+  # Imported after flag parsing: grain workers re-import these modules.
+  if "router_train" in config:  # configs/router.py
+    from visor_jax.training import router_train
+    return router_train.main(config, workdir)
+  from visor_jax.training import train
+  return train.main(config, workdir)
 
 
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.WARNING)   # libraries: warnings only
   logging.getLogger("visor_jax").setLevel(logging.INFO)
-  config = flags.FLAGS.config
-  # Imported after flag parsing: grain workers re-import these modules.
-  if "router_train" in config:  # configs/router.py
-    from visor_jax.training import router_train
-    router_train.main(config, flags.FLAGS.workdir)
-  else:
-    from visor_jax.training import train
-    train.main(config, flags.FLAGS.workdir)
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  define_flags(flags.FLAGS)
   app.run(main)

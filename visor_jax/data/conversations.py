@@ -172,9 +172,10 @@ class ImageLoader:
   Paths come from untrusted records, so with an `image_root` they are confined to it: an
   absolute path, or one whose real path (`..`, symlinks resolved) leaves the root, is
   `unsafe_path`, refused before anything is opened. `JsonSource` always supplies a root
-  (`data.image_root`, else the JSON file's directory). Without one (`ImageLoader()`) a path is
-  used as given: that is for trusted callers only (a command-line `--image`, the evaluation
-  harness's paths it already joined itself).
+  (`data.image_root`, else the JSON file's directory), and so does the evaluation harness for
+  question files (`--image_root`, else the question file's directory). Without one
+  (`ImageLoader()`) a path is used as given: that is for trusted callers only (a command-line
+  `--image`, items a program builds itself).
   """
 
   def __init__(self, image_root: str | os.PathLike | None = None):

@@ -14,16 +14,22 @@ by side (the vision tower dominates at 0.5B). Pieces: loading (`load_questions`,
 
 Question files are JSONL, one object per line::
 
-  {"image": "rel/or/abs.png", "question": "...", "answers": ["..", ..] | "answer": "..",
+  {"image": "rel/path.png", "question": "...", "answers": ["..", ..] | "answer": "..",
    "metric": "vqa_accuracy" | "anls" | "relaxed_accuracy" | "exact_match" | "multiple_choice",
    "dataset": "..." (default: file name stem), "tags": ["easy"], "choices": [..], "id": ..}
 
 An item's question group (a column of the tables) is its first tag, else its dataset; for the
 synthetic dataset that is the record's family. Nothing here knows a dataset's group names.
 
+Image paths are relative to the image root (`load_questions`' `image_root`, default: the
+question file's directory) and confined to it as training confines its records'
+(`conversations.ImageLoader`): a question file is input like any other, so an absolute path, or
+one that `..` or a symlink leads out of the root, is `unsafe_path`, never opened.
+
 Bad input never stops an evaluation: a line that is not JSON (`invalid_json`), lacks a field
-(`missing_field`), has an unusable one (`bad_field`), or whose image is absent or undecodable
-(`missing_image` / `corrupt_image`) is skipped, logged, and counted per reason in the result.
+(`missing_field`), has an unusable one (`bad_field`), or whose image is absent, undecodable or
+outside the image root (`missing_image` / `corrupt_image` / `unsafe_path`) is skipped, logged,
+and counted per reason in the result.
 """
 from __future__ import annotations
 
@@ -44,7 +50,10 @@ from visor_jax.evaluation import metrics as eval_metrics
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("invalid_json", "missing_field", "bad_field", "missing_image", "corrupt_image")
+# The first three are load-time reasons (`run_eval` counts them into `n_items`); the others
+# are found when the image is read, on items already counted.
+SKIP_REASONS = ("invalid_json", "missing_field", "bad_field", "missing_image", "corrupt_image",
+                "unsafe_path")
 MAX_SKIP_EXAMPLES = 20   # skipped items quoted in the result file (all are counted)
 ROUTER = None            # `make_answer_fn(ROUTER)`: the router picks each sample's budget
 
@@ -71,6 +80,9 @@ class Item:
   tags: tuple[str, ...] = ()
   choices: tuple[str, ...] | None = None
   source: str = ""      # "file.jsonl:12", for messages
+  # A path `image` is read under this root and may not leave it (None: used as given, for
+  # trusted callers that build items themselves).
+  image_root: str | None = None
 
   @property
   def group(self) -> str:
@@ -117,21 +129,20 @@ def parse_item(obj: Any, *, source: str, default_dataset: str, image_root: str |
     tags = [tags]
   if not isinstance(tags, list) or (choices is not None and not isinstance(choices, list)):
     raise BadItem("bad_field", "tags and choices must be lists")
-  image = obj["image"]
-  if image_root is not None and not os.path.isabs(image):
-    image = os.path.join(image_root, image)
+  # The path stays as written: the loader joins it to `image_root` and checks where it leads
+  # when it opens it (a check here could be outrun by a symlink changed in between).
   return Item(id=str(obj.get("id", source)), dataset=str(obj.get("dataset", default_dataset)),
               question=obj["question"], answers=tuple(answers), metric=obj["metric"],
-              image=image, tags=tuple(str(t) for t in tags),
+              image=obj["image"], tags=tuple(str(t) for t in tags),
               choices=None if choices is None else tuple(str(c) for c in choices),
-              source=source)
+              source=source, image_root=image_root)
 
 
 def load_questions(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
                    skips: Skips | None = None) -> tuple[list[Item], Skips]:
-  """Items of a JSONL question file; bad lines go to `skips`. Relative image paths resolve
-  under `image_root` (default: the file's directory). Images are only read at answer time,
-  so a large benchmark never sits decoded in memory."""
+  """Items of a JSONL question file; bad lines go to `skips`. Image paths are relative to
+  `image_root` (default: the file's directory) and may not leave it (`unsafe_path`). Images
+  are only read at answer time, so a large benchmark never sits decoded in memory."""
   path = os.fspath(path)
   root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
   default_dataset = os.path.splitext(os.path.basename(path))[0]
@@ -181,13 +192,16 @@ def synthetic_items(data_dir: str, split: str = "test", limit: int | None = None
 # ---------------------------------------------------------------------------------------------
 # Answering and scoring.
 
-def _load_images(batch: Sequence[Item], loader: ImageLoader, skips: Skips) -> list[Item]:
-  """Decodes each item's image; unreadable ones are skipped (counted) here."""
+def _load_images(batch: Sequence[Item], loaders: dict, skips: Skips) -> list[Item]:
+  """Decodes each item's image under its root (`loaders`: root → ImageLoader, filled as
+  roots appear); unreadable or unsafe ones are skipped (counted) here."""
   ready = []
   for item in batch:
+    if item.image_root not in loaders:
+      loaders[item.image_root] = ImageLoader(item.image_root)
     try:
-      ready.append(dataclasses.replace(item, image=loader(item.image)))
-    except BadSample as e:  # missing_image / corrupt_image; "malformed": an odd reference
+      ready.append(dataclasses.replace(item, image=loaders[item.image_root](item.image)))
+    except BadSample as e:  # missing/corrupt_image, unsafe_path; "malformed": an odd reference
       reason = e.reason if e.reason in SKIP_REASONS else "bad_field"
       skips.add(reason, item.source or item.id, e.message)
   return ready
@@ -218,9 +232,9 @@ def answer_and_score(items: Sequence[Item], answer_fn: Callable, *, batch_size: 
                      ) -> tuple[list[dict], Skips]:
   """Per-sample records, in item order, over batches of items with decoded images."""
   skips = skips if skips is not None else Skips()
-  loader, records = ImageLoader(), []
+  loaders, records = {}, []
   for start in range(0, len(items), batch_size):
-    batch = _load_images(items[start:start + batch_size], loader, skips)
+    batch = _load_images(items[start:start + batch_size], loaders, skips)
     if not batch:
       continue
     answers = list(answer_fn(batch))

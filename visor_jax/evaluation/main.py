@@ -328,8 +328,9 @@ def define_flags(fv) -> None:
   flags.DEFINE_enum("mode", "pareto", list(MODES), "pareto: evaluate budgets (+router); "
                     "search: candidate SA subsets → feasible.json.", **d)
   flags.DEFINE_list("questions", [], "JSONL question files (comma-separated).", **d)
-  flags.DEFINE_string("image_root", None, "Relative image paths resolve here (default: each "
-                      "question file's directory).", **d)
+  flags.DEFINE_string("image_root", None, "Question files' image paths are relative to this "
+                      "directory and may not leave it (default: each question file's "
+                      "directory).", **d)
   flags.DEFINE_string("synthetic_dir", None, "Built synthetic dataset (default with no "
                       "--questions: the training run's own).", **d)
   flags.DEFINE_string("synthetic_split", None, "Default: test (pareto), validation (search).", **d)
