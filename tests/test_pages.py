@@ -94,11 +94,11 @@ def _cells(grid, kind, value=None, colour=None):
 
 
 def _check_page(grid):
-  """The page is well formed: 3-4 unique markers, 1-2 coloured digits, 2x2 blocks apart."""
+  """The page is well formed: one marker, one coloured digit, 2x2 blocks apart."""
   markers = [grid[r][c][1:] for r, c in _cells(grid, "marker")]
-  assert 3 <= len(markers) <= 4 and len(set(markers)) == len(markers)
+  assert len(markers) == pages.MARKERS_PER_PAGE == 1
   coloured = [grid[r][c][2] for r, c in _cells(grid, "digit") if grid[r][c][2] != "white"]
-  assert 1 <= len(coloured) <= 2 and len(set(coloured)) == len(coloured)
+  assert len(coloured) == pages.COLOURED_DIGITS_PER_PAGE == 1
   blocks = {}
   for r, c in _cells(grid, "block"):
     blocks.setdefault(grid[r][c][2], []).append((r, c))
@@ -356,7 +356,7 @@ def test_source_and_harness_read_pages(tmp_path):
   assert sources.pages_params(ml_collections.ConfigDict(dict(
       synthetic_seed=1, synthetic_sizes=dict(train=1, validation=1, test=1)))) == dict(
           seed=1, sizes=dict(train=1, validation=1, test=1), grid=8, read_turn=False,
-          turns=1)
+          turns=1, readout=False)
 
 
 def test_question_format_turns_training_only_turns_off():
@@ -367,3 +367,24 @@ def test_question_format_turns_training_only_turns_off():
   assert (c.data.pages_turns, c.data.pages_read_turn) == (6, True)  # a copy
   assert sources.pages_params(q) == {**sources.pages_params(c.data), "turns": 1,
                                      "read_turn": False}
+
+
+def test_readout_variant_is_one_coloured_digit_read_back_from_pixels(tmp_path):
+  """`readout=True`: 1 x 1 pages (one cell token), each one coloured digit on a page colour,
+  asked "What is the <colour> digit?"; every digit equally often; its own build name."""
+  sizes = dict(train=20, validation=10, test=0)
+  pages.build(tmp_path, sizes=sizes, grid=6, readout=True)
+  recs = pages.records("train", tmp_path, sizes=sizes, grid=6, readout=True)
+  digits = []
+  for rec in recs:
+    img = np.asarray(Image.open(io.BytesIO(rec["image"])).convert("RGB"))
+    assert img.shape == (pages.CELL, pages.CELL, 3)
+    human, gpt = rec["conversations"]
+    question = human["value"]
+    colour = question.removeprefix("<image>\nWhat is the ").removesuffix(" digit?")
+    ink = np.all(img == pages.COLOURS[colour], -1)
+    digit, = [d for d, g in pages.GLYPHS.items() if np.array_equal(ink, g)]
+    assert gpt["value"] == digit and rec["family"] == "fine"
+    digits.append(digit)
+  assert sorted(digits) == sorted(str(i % 10) for i in range(20))
+  assert pages.make_config(grid=6, readout=True).name != pages.make_config(grid=6).name

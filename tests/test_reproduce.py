@@ -3,6 +3,7 @@ end to end at a tiny scale, resumable and deterministic."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from visor_jax.evaluation import report
@@ -56,7 +57,7 @@ def test_reproduction_runs_every_stage_and_resumes(tmp_path):
   rc = module.get_config("scale=tiny")
   lines = []
   first = reproduce.reproduce(rc, str(tmp_path), print_fn=lines.append)
-  for stage in ("base", "stage1", "stage2", "universal", "search", "router"):
+  for stage in reproduce.STAGES:  # readout, base, ..., router
     assert os.path.exists(tmp_path / stage / reproduce.DONE), stage
   methods = {r["method"] for r in first["rows"]}
   assert methods == {"base", "fastv", "pyramiddrop", "visionzip", "visor", "router", "visor_tr",
@@ -82,8 +83,31 @@ def test_learnability_gate_measures_what_it_says():
   and attention in range, and a probe that reads the digits from the visual tokens (they are
   readable even at initialisation: one patch per cell)."""
   from visor_jax.benchmarks import learnability_gate as gate
-  r = gate.run(grid=4, num_steps=2, lr=1e-3, batch_size=8, eval_items=32, probe_batches=12)
-  assert r["n"] == 32 and 0 <= r["lo"] <= r["tf_exact"] <= r["hi"] <= 1
+  r = gate.run(grid=4, num_steps=2, lr=1e-3, batch_size=8, eval_items=32, probe_batches=12,
+               warmup=1, digits=3)
+  assert r["n"] == 32 and (r["warmup"], r["digits"]) == (1, 3) and 0 <= r["lo"] <= r["tf_exact"] <= r["hi"] <= 1
   assert r["image_effect"] > 0 and 0 <= r["on_cell"] <= 1 and r["uniform"] == 1 / 21
   assert r["probe"] > 0.9
   assert "tf_exact [95%]" in gate.format_table([r])
+
+
+def test_learnability_gate_pages_hold_the_asked_digit():
+  """`digits` coloured digits in distinct cells; the one asked is drawn where `page` says, in
+  its colour (read back from the pixels), and every other ink is another colour."""
+  import io
+  from PIL import Image
+  from visor_jax.benchmarks import learnability_gate as gate
+  from visor_jax.data import pages
+  rng = np.random.default_rng(0)
+  for grid, digits in [(1, 1), (4, 3), (2, 9)]:
+    png, colour, digit, (r, c) = gate.page(rng, grid, digits)
+    img = np.asarray(Image.open(io.BytesIO(png)))
+    cell = img[r * pages.CELL:(r + 1) * pages.CELL, c * pages.CELL:(c + 1) * pages.CELL]
+    ink = np.all(cell == pages.COLOURS[colour], -1)
+    np.testing.assert_array_equal(ink, pages.GLYPHS[digit])
+    assert np.all(img == pages.COLOURS[colour], -1).sum() == ink.sum()  # colour is unique
+    inked = ~np.all(img == pages.PAGE_COLOURS["black"], -1)
+    n_cells = sum(bool(inked[i:i + pages.CELL, j:j + pages.CELL].any())
+                  for i in range(0, img.shape[0], pages.CELL)
+                  for j in range(0, img.shape[1], pages.CELL))
+    assert n_cells == min(digits, grid * grid)

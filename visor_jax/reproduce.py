@@ -5,7 +5,9 @@
 Stages, each a directory under the workdir (a finished stage has a DONE file and is skipped on a
 rerun; an interrupted training stage resumes from its own checkpoint):
 
-  base/       the LLaVA-OV-style model: every layer self-attends (budget 'all'), from scratch
+  readout/    from scratch, every layer self-attends, on 1 x 1 pages (one coloured digit):
+              the LLM learns to read a digit from a visual token (pages.readout_example)
+  base/       the LLaVA-OV-style model: every layer self-attends (budget 'all'), from readout/
   stage1/     VISOR's new parts only (cross-attention, positional conv), maximal budget
   stage2/     everything, maximal budget
   universal/  every default feasible budget, sampled per step
@@ -67,10 +69,11 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   c.eval_items = 0                     # the evaluate stage does the accuracy
   c.eval_batches = 4
   c.log_every = max(1, min(50, c.num_steps))
-  if stage == "base":
+  if stage in ("readout", "base"):
     c.budgets = "all"
-  else:
-    c.init_from = os.path.join(workdir, {"stage1": "base", "stage2": "stage1",
+  c.data.pages_readout = stage == "readout"
+  if stage != "readout":
+    c.init_from = os.path.join(workdir, {"base": "readout", "stage1": "base", "stage2": "stage1",
                                          "universal": "stage2"}[stage])
   if stage == "stage1":
     c.optim.param_groups = train_config.GROUPS_STAGE1
@@ -82,7 +85,7 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   return c
 
 
-STAGES = ("base", "stage1", "stage2", "universal", "search", "router")
+STAGES = ("readout", "base", "stage1", "stage2", "universal", "search", "router")
 
 
 def _stage(workdir: str, name: str, fn: Callable[[str], bool]) -> str:
@@ -284,7 +287,7 @@ def router_stage(rc, workdir: str) -> Callable[[str], bool]:
 def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = print) -> dict:
   """All stages (skipping finished ones), then results/ under the workdir; returns results."""
   os.makedirs(workdir, exist_ok=True)
-  for stage in STAGES[:4]:
+  for stage in STAGES[:5]:  # the training stages
     _stage(workdir, stage, _train(stage_config(rc, stage, workdir)))
   _stage(workdir, "search", search_stage(rc, workdir))
   _stage(workdir, "router", router_stage(rc, workdir))

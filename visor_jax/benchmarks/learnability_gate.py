@@ -2,6 +2,7 @@
 content? Everything VISOR shows on the pages dataset rests on it (docs/pages_dataset.md).
 
     python -m visor_jax.benchmarks.learnability_gate [--steps=300] [--grids=4,6] [--lr=1e-3]
+        [--warmup=100] [--digits=1]
 
 The easiest content lookup there is: a page of G x G empty 14 px cells (one visual token each)
 with one coloured digit somewhere, and the question "What is the <colour> digit?". Trained on
@@ -18,6 +19,12 @@ the all-SA base (every layer self-attends: LLaVA-OV itself) with the trainer's o
 
 A model that passes reads the digit (tf_exact near 1) with a large image effect; a failure with
 a readable probe means the LLM never learned to select the token.
+
+`--warmup=K` first trains K steps on 1 x 1 pages (the digit is the only cell, always the same
+visual token): the LLM learns to *read* a digit from a visual token where no selection is
+needed, and with that readout in place the selection on G x G pages follows within ~100 steps
+(without it, it never did here). `--digits=k` puts k digits of distinct colours on the page
+(the question asks one), so the lookup must match the colour, not just find the ink.
 """
 from __future__ import annotations
 
@@ -42,26 +49,33 @@ flags.DEFINE_integer("steps", 300, "Training steps per grid.")
 flags.DEFINE_string("grids", "4,6", "Page sizes (cells per side).")
 flags.DEFINE_float("lr", 1e-3, "Peak learning rate (the trainer's schedule).")
 flags.DEFINE_integer("batch", 16, "Batch size.")
+flags.DEFINE_integer("warmup", 0, "Steps on 1 x 1 pages first (learn to read a visual token).")
+flags.DEFINE_integer("digits", 1, "Digits of distinct colours per page (the question asks one).")
 FLAGS = flags.FLAGS
 TEXT = 32
 
 
-def page(rng, grid: int):
-  """(PNG bytes, colour, digit, cell): one coloured digit on an empty black page."""
-  r, c = (int(v) for v in rng.integers(grid, size=2))
-  digit, colour = str(rng.integers(10)), str(rng.choice(list(pages.COLOURS)))
+def page(rng, grid: int, digits: int = 1):
+  """(PNG bytes, colour, digit, cell) of the asked digit: `digits` digits of distinct colours
+  in distinct cells of an empty black page."""
+  digits = min(digits, grid * grid)
+  cells = [divmod(int(i), grid) for i in rng.choice(grid * grid, size=digits, replace=False)]
+  colours = [str(c) for c in rng.choice(list(pages.COLOURS), size=digits, replace=False)]
+  values = [str(v) for v in rng.integers(10, size=digits)]
   img = np.full((grid * pages.CELL, grid * pages.CELL, 3), pages.PAGE_COLOURS["black"], np.uint8)
-  img[r * pages.CELL:(r + 1) * pages.CELL, c * pages.CELL:(c + 1) * pages.CELL][
-      pages.GLYPHS[digit]] = pages.COLOURS[colour]
+  for (r, c), colour, digit in zip(cells, colours, values):
+    img[r * pages.CELL:(r + 1) * pages.CELL, c * pages.CELL:(c + 1) * pages.CELL][
+        pages.GLYPHS[digit]] = pages.COLOURS[colour]
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, format="PNG")
-  return buf.getvalue(), colour, digit, (r, c)
+  k = int(rng.integers(digits))
+  return buf.getvalue(), colours[k], values[k], cells[k]
 
 
-def batch(rng, grid: int, n: int, cfg, tok) -> tuple[dict, list]:
+def batch(rng, grid: int, n: int, cfg, tok, digits: int = 1) -> tuple[dict, list]:
   examples, cells = [], []
   for _ in range(n):
-    png, colour, digit, cell = page(rng, grid)
+    png, colour, digit, cell = page(rng, grid, digits)
     record = {"image": png, "conversations": [
         {"from": "human", "value": f"<image>\nWhat is the {colour} digit?"},
         {"from": "gpt", "value": digit}]}
@@ -125,7 +139,10 @@ def probe(model, rng, grid: int, cfg, tok, batches: int = 16) -> float:
 
 
 def run(grid: int, num_steps: int, lr: float, batch_size: int, seed: int = 0,
-        eval_items: int = 256, probe_batches: int = 16) -> dict:
+        eval_items: int = 256, probe_batches: int = 16, warmup: int = 0, digits: int = 1
+        ) -> dict:
+  """Trains `warmup` steps on 1 x 1 pages, then `num_steps` on `grid` pages with `digits`
+  digits each (one schedule over both), and measures the gate's columns on fresh pages."""
   cfg = config_lib.model_config(model_configs.pages())
   tok = build_tiny_tokenizer(pages.corpus(), vocab_size=cfg.image_token_id)
   graphdef, state = nnx.split(LlavaOnevision(cfg, rngs=nnx.Rngs(seed)))
@@ -133,14 +150,15 @@ def run(grid: int, num_steps: int, lr: float, batch_size: int, seed: int = 0,
   o = train_config.default("pages").optim
   o.lr = lr
   labels = optim.param_labels(params, o.param_groups)
-  tx = optim.make_optimizer(o, labels, max(num_steps, 1))
+  tx = optim.make_optimizer(o, labels, max(warmup + num_steps, 1))
   step = jax.jit(steps.make_train_step(graphdef, tx, labels))
   eval_step = jax.jit(steps.make_eval_step(graphdef))
   train_state = steps.init_state(params, tx, labels)
   rng = np.random.default_rng(seed)
   budget = budgets.all_sa(cfg, batch_size)
-  for _ in range(num_steps):
-    b, _ = batch(rng, grid, batch_size, cfg, tok)
+  for i in range(warmup + num_steps):
+    b, _ = batch(rng, 1, batch_size, cfg, tok) if i < warmup else \
+        batch(rng, grid, batch_size, cfg, tok, digits)
     train_state, _ = step(train_state, b, budget)
   test_rng = np.random.default_rng(seed + 1)
   hits, effects, on_cell = [], [], []
@@ -148,7 +166,7 @@ def run(grid: int, num_steps: int, lr: float, batch_size: int, seed: int = 0,
   model = nnx.merge(graphdef, params)
   logits = jax.jit(lambda p, x, b: nnx.merge(graphdef, p)(x, b))
   for _ in range(eval_items // batch_size):
-    b, cells = batch(test_rng, grid, batch_size, cfg, tok)
+    b, cells = batch(test_rng, grid, batch_size, cfg, tok, digits)
     hits += list(np.asarray(eval_step(train_state["params"], b, budget)["tf_exact"]))
     x = {k: jnp.asarray(b[k]) for k in INPUT_KEYS}
     swapped = {**x, "pixels": jnp.roll(x["pixels"], 1, axis=0)}
@@ -160,18 +178,19 @@ def run(grid: int, num_steps: int, lr: float, batch_size: int, seed: int = 0,
     if not on_cell:
       on_cell.append(attention_on_cell(model, x, cells, grid))
   lo, hi = wilson_interval(float(np.sum(hits)), len(hits))
-  return {"grid": grid, "steps": num_steps, "tf_exact": float(np.mean(hits)), "lo": lo,
+  return {"grid": grid, "steps": num_steps, "warmup": warmup, "digits": digits,
+          "tf_exact": float(np.mean(hits)), "lo": lo,
           "hi": hi, "n": len(hits), "image_effect": float(np.mean(effects)),
           "probe": probe(model, np.random.default_rng(seed + 2), grid, cfg, tok, probe_batches),
           "on_cell": on_cell[0], "uniform": 1 / (1 + grid * (grid + 1))}
 
 
 def format_table(rows) -> str:
-  head = (f"{'grid':>4} {'steps':>6} {'tf_exact [95%]':>20} {'n':>4} {'image effect':>13} "
+  head = (f"{'grid':>4} {'digits':>6} {'warmup':>6} {'steps':>6} {'tf_exact [95%]':>20} {'n':>4} {'image effect':>13} "
           f"{'probe':>6} {'on cell':>8} {'uniform':>8}")
   lines = [head, "-" * len(head)]
   for r in rows:
-    lines.append(f"{r['grid']:>4} {r['steps']:>6} {r['tf_exact']:>7.2f} [{r['lo']:.2f}, "
+    lines.append(f"{r['grid']:>4} {r['digits']:>6} {r['warmup']:>6} {r['steps']:>6} {r['tf_exact']:>7.2f} [{r['lo']:.2f}, "
                  f"{r['hi']:.2f}] {r['n']:>4} {r['image_effect']:>13.4f} {r['probe']:>6.2f} "
                  f"{r['on_cell']:>8.3f} {r['uniform']:>8.3f}")
   return "\n".join(lines)
@@ -179,9 +198,10 @@ def format_table(rows) -> str:
 
 def main(argv):
   del argv
-  rows = [run(int(g), FLAGS.steps, FLAGS.lr, FLAGS.batch) for g in FLAGS.grids.split(",")]
-  print("learnability gate: 'What is the <colour> digit?', one digit on an empty page, "
-        "all-SA base from scratch; chance 0.10")
+  rows = [run(int(g), FLAGS.steps, FLAGS.lr, FLAGS.batch, warmup=FLAGS.warmup,
+              digits=FLAGS.digits) for g in FLAGS.grids.split(",")]
+  print(f"learnability gate: 'What is the <colour> digit?', {FLAGS.digits} digit(s) of distinct "
+        "colours on an empty page, all-SA base from scratch; chance 0.10")
   print(format_table(rows))
 
 

@@ -46,6 +46,15 @@ COLOURS = {"red": (230, 40, 40), "green": (40, 190, 70), "blue": (60, 110, 255),
            "yellow": (245, 220, 40), "orange": (250, 140, 20), "purple": (170, 80, 230),
            "pink": (250, 150, 200), "cyan": (60, 220, 230)}
 SHAPES = ("circle", "square", "triangle", "diamond")
+# One marker and one coloured digit per page. The questions still name them ("the red
+# digit", "the blue circle"), but the lookup key is then a fixed feature (the one coloured
+# digit, the one marker), not one the question picks among several: at CPU scale the models
+# here learned fixed-key lookups in ~150 steps once they could read a digit, and never left
+# the plateau of question-keyed ones (colour binding among 3-4 digits) in the steps there
+# were (docs/pages_dataset.md, "The learnability gate"). What each family needs from VISOR
+# (CA, the positional conv, SA) does not change.
+MARKERS_PER_PAGE = 1
+COLOURED_DIGITS_PER_PAGE = 1
 FAMILIES = ("coarse", "fine", "control", "interaction")
 FAMILY_KINDS = {"coarse": ("page_colour", "count_blocks", "has_block"),
                 "fine": ("colour_digit",), "control": ("left", "right"),
@@ -174,7 +183,7 @@ def _sample_page(rng, grid, n_blocks, page=None):
         layout[r + dr][c + dc] = ["block", "", colour]
   free = [(r, c) for r in range(grid) for c in range(grid) if layout[r][c] is None]
   pairs = [(s, c) for s in SHAPES for c in COLOURS]
-  n_markers = int(rng.integers(3, 5))
+  n_markers = MARKERS_PER_PAGE
   cells = rng.choice(len(free), size=n_markers, replace=False)
   for k, i in zip(rng.choice(len(pairs), size=n_markers, replace=False), cells):
     r, c = free[i]
@@ -182,7 +191,7 @@ def _sample_page(rng, grid, n_blocks, page=None):
   digit_cells = [(r, c) for r, c in free if layout[r][c] is None]
   for r, c in digit_cells:
     layout[r][c] = ["digit", str(int(rng.integers(10))), "white"]
-  n_coloured = int(rng.integers(1, 3))
+  n_coloured = COLOURED_DIGITS_PER_PAGE
   for i, colour in zip(rng.choice(len(digit_cells), size=n_coloured, replace=False),
                        rng.choice(list(COLOURS), size=n_coloured, replace=False)):
     r, c = digit_cells[i]
@@ -370,6 +379,7 @@ def visual_token(grid: int, cell) -> int:
 
 READ_QUESTION = "Read the page."
 _TURNS_TAG = 0x7A25  # salts the extra-turn stream apart from the page's
+_READOUT_TAG = 0x5EAD  # and the readout variant's
 
 
 def well_posed_questions(layout) -> dict[str, list[dict]]:
@@ -476,6 +486,24 @@ def generate_example(seed: int, split: str, index: int, grid: int = 8, permute_r
   return record, view
 
 
+def readout_example(seed: int, split: str, index: int):
+  """(record, view) of the readout variant: a 1 x 1 page, one coloured digit on a page colour,
+  "What is the <colour> digit?". There is one cell token, always at the same place, so the LLM
+  learns to *read* a digit from a visual token with no lookup to learn at the same time;
+  `data.pages_readout` trains on it first (the reproduction's `readout` stage). Without that
+  readout no model here found even one digit on an empty page (docs/pages_dataset.md)."""
+  rng = np.random.default_rng([seed, SPLITS.index(split), index, _READOUT_TAG])
+  page = str(rng.choice(list(PAGE_COLOURS)))
+  colour = str(rng.choice(list(COLOURS)))
+  digit = str(index % 10)  # every digit equally often
+  layout = [[["digit", digit, colour]]]
+  question = {"family": "fine", "kind": "colour_digit", "colour": colour}
+  record, view = make_example({"grid": 1, "page": page, "layout": layout, "question": question,
+                               "rows": [0]})
+  record["id"] = f"{split}-{index:06d}"
+  return record, view
+
+
 def corpus() -> list[str]:
   """Every question and answer string the generator can emit (tiny-tokenizer training).
 
@@ -505,10 +533,11 @@ class PagesConfig(tfds.core.BuilderConfig):
   permute_rows: bool = False
   read_turn: bool = False
   turns: int = 1
+  readout: bool = False
 
 
 def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-                turns=1) -> PagesConfig:
+                turns=1, readout=False) -> PagesConfig:
   sizes = {**DEFAULT_SIZES, **(sizes or {})}
   if set(sizes) != set(SPLITS) or min(sizes.values()) < 0:
     raise ValueError(f"sizes must give counts >= 0 for splits {SPLITS}, got {sizes}")
@@ -516,17 +545,23 @@ def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
   name = (f"seed{seed}-" + "-".join(f"{s}{sizes[s]}" for s in SPLITS) + f"-grid{grid}"
           + ("-permuted" if permute_rows else "") + ("-read" if read_turn else "")
           + (f"-turns{turns}" if turns > 1 else ""))
+  if readout:  # 1 x 1 pages whatever the grid: one name for every grid
+    name = f"seed{seed}-" + "-".join(f"{s}{sizes[s]}" for s in SPLITS) + "-readout"
   return PagesConfig(name=name, seed=int(seed), sizes=tuple((s, int(sizes[s])) for s in SPLITS),
                      grid=int(grid), permute_rows=bool(permute_rows), read_turn=bool(read_turn),
-                     turns=int(turns))
+                     turns=int(turns), readout=bool(readout))
 
 
 class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
   """Pages of 14 px cells with coarse / fine / control / interaction questions."""
-  VERSION = tfds.core.Version("1.0.0")  # bump whenever generated content changes
+  VERSION = tfds.core.Version("1.1.0")  # bump whenever generated content changes
+  RELEASE_NOTES = {"1.0.0": "3-4 markers and 1-2 coloured digits per page.",
+                   "1.1.0": "One marker and one coloured digit per page (fixed lookup keys)."}
 
   def _record(self, split, index):
     c = self.builder_config
+    if c.readout:
+      return readout_example(c.seed, split, index)[0]
     return generate_example(c.seed, split, index, c.grid, c.permute_rows, c.read_turn,
                             c.turns)[0]
 
@@ -537,10 +572,11 @@ def _builder(data_dir, **params) -> VisorPagesVqa:
 
 
 def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-          turns=1) -> str:
-  """Builds the dataset under `data_dir` unless present (idempotent); returns `data_dir`."""
+          turns=1, readout=False) -> str:
+  """Builds the dataset under `data_dir` unless present (idempotent); returns `data_dir`.
+  `readout`: the 1 x 1 readout variant (`readout_example`) instead of full pages."""
   builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
-                     read_turn=read_turn, turns=turns)
+                     read_turn=read_turn, turns=turns, readout=readout)
   if not builder.is_prepared():  # nothing to download; never ask GCS for a prebuilt copy
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -548,10 +584,10 @@ def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn
 
 
 def records(split, data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False,
-            read_turn=False, turns=1) -> Records:
+            read_turn=False, turns=1, readout=False) -> Records:
   """The built `split` (same parameters as `build`); raises if it was never built."""
   builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
-                     read_turn=read_turn, turns=turns)
+                     read_turn=read_turn, turns=turns, readout=readout)
   if not builder.is_prepared():
     raise FileNotFoundError(f"{builder.data_dir} is not built; call pages.build() first")
   return Records(builder.as_data_source(split=split))

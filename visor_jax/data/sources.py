@@ -35,7 +35,7 @@ def pages_params(data: ml_collections.ConfigDict) -> dict:
   `synthetic_dir`, `synthetic_seed` and `synthetic_sizes`; builds never collide on disk)."""
   return dict(seed=data.synthetic_seed, sizes=dict(data.synthetic_sizes),
               grid=data.get("pages_grid", 8), read_turn=data.get("pages_read_turn", False),
-              turns=data.get("pages_turns", 1))
+              turns=data.get("pages_turns", 1), readout=data.get("pages_readout", False))
 
 
 def question_format(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -49,6 +49,8 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
                                     # "Read the page." (every cell supervised)
       pages_turns=1,                # source='pages': questions per train record (more
                                     # supervision per image; see data/pages.py)
+      pages_readout=False,          # source='pages': 1 x 1 pages, one coloured digit each
+                                    # (learn to read a visual token first; the readout stage)
       batch_size=8,                 # per host
       text_buckets=(128,),          # static text lengths; each batch uses one
       max_visual=0,                 # 0 → the model's largest AnyRes token count
@@ -86,7 +88,7 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
   # Evaluation. At the end: accuracy of generated answers (the evaluation harness) on the
   # first `eval_items` validation items, per budget (0: skipped). Every `eval_every` steps and
   # at the end: teacher-forced exact match and loss on `eval_batches` validation batches.
-  c.eval_every = 0                  # 0: only at the end
+  c.eval_every = 100                # also every this many steps (0: only at the end)
   c.eval_batches = 12
   c.eval_items = 96
   c.eval_max_new_tokens = 16
