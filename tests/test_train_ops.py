@@ -59,33 +59,56 @@ def test_missing_paths_fail_first_naming_the_field(tmp_path, nothing_may_start, 
 # ---------------------------------------------------------------------------------------------
 # A JSON run without validation files.
 
-def _json_dataset(root, answer_words: int = 0) -> str:
-  """Eight LLaVA-format records over one image; answers longer by `answer_words` words."""
+def _json_dataset(root, answer_words: int = 0, hostile: bool = False) -> str:
+  """Eight LLaVA-format records over one image; answers longer by `answer_words` words.
+  `hostile` adds records whose images are outside the root (`..`, absolute, a symlink out),
+  missing or corrupt: each is a valid image file except the last two."""
   root.mkdir()
   PIL.Image.fromarray(hf_fixtures.random_image(48, 64, 0)).save(root / "a.png")
+  images = ["a.png"] * 8
+  if hostile:
+    outside = root.parent / "outside.png"
+    PIL.Image.fromarray(hf_fixtures.random_image(48, 64, 1)).save(outside)
+    os.symlink(outside, root / "link.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG not really")
+    images += ["../outside.png", str(outside), "link.png", "missing.png", "corrupt.png"]
   with open(root / "train.jsonl", "w") as f:
-    for i in range(8):
-      f.write(json.dumps({"id": f"r{i}", "image": "a.png", "conversations": [
+    for i, image in enumerate(images):
+      f.write(json.dumps({"id": f"r{i}", "image": image, "conversations": [
           {"from": "human", "value": "<image>\nWhat is the code?"},
           {"from": "gpt", "value": f"{1000 + i}" + " word" * answer_words}]}) + "\n")
   return str(root / "train.jsonl")
 
 
 @pytest.mark.slow
-def test_json_run_without_validation_files_finishes_saying_why(tmp_path, caplog):
-  c = tf.tiny_config("", num_steps=1, ckpt_every=1)  # eval_batches=1, eval_items=4 asked for
-  # 5,000-word answers: every sample is cut at the text bucket and counted, not skipped.
-  c.data.update(source="json", json_path=_json_dataset(tmp_path / "data", answer_words=5000))
+def test_hostile_json_run_finishes_counting_every_bad_record(tmp_path, caplog, monkeypatch):
+  """A JSON run over a hostile corpus, without validation files, trains to the end: every bad
+  record counted under its own reason, no file outside the image root opened, over-long
+  answers cut and counted, and the log says which evaluations it skips and why."""
+  import builtins
+  opened, real_open = [], builtins.open
+  def spy(file, *args, **kwargs):
+    if isinstance(file, (str, os.PathLike)):
+      opened.append(os.path.realpath(file))
+    return real_open(file, *args, **kwargs)
+  # Two steps of 4 need all 8 good records: the whole corpus is read at least once.
+  c = tf.tiny_config("", num_steps=2, ckpt_every=1)  # eval_batches=1, eval_items=4 asked for
+  c.data.update(source="json", max_bad_fraction=1.0, json_path=_json_dataset(
+      tmp_path / "data", answer_words=5000, hostile=True))
+  monkeypatch.setattr(builtins, "open", spy)  # from here on (the corpus is written)
   with caplog.at_level(logging.INFO):
     result = train.main(c, str(tmp_path / "run"))
-  assert int(result.state["step"]) == 1 and result.eval == {} and result.teacher_forced == {}
-  with open(tmp_path / "run" / "metrics.jsonl") as f:
-    rows = [json.loads(line) for line in f]
-  assert [r["data/truncated"] for r in rows if "data/truncated" in r] == [c.data.batch_size]
+  assert int(result.state["step"]) == 2 and result.eval == {} and result.teacher_forced == {}
+  assert str(tmp_path / "outside.png") not in opened
+  rows = tf.read_metrics(str(tmp_path / "run"))
+  last = [r for r in rows if "data/truncated" in r][-1]
+  assert last["data/truncated"] == 2 * c.data.batch_size  # every good sample, cut and counted
+  assert last["bad/unsafe_path"] >= 3 and last["bad/missing_image"] >= 1
+  assert last["bad/corrupt_image"] >= 1
   assert "no teacher-forced eval (eval/<budget>/tf_exact, loss): data.eval_json_path is not " \
          "set" in caplog.text
   assert "no end-of-run accuracy table: data.eval_questions is not set" in caplog.text
-  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
 
 
 # ---------------------------------------------------------------------------------------------
