@@ -16,6 +16,8 @@ import ml_collections
 CA_GATES = ("zero_out", "tanh")
 CA_INITS = ("copy_self_attn", "random")
 DTYPES = ("float32", "bfloat16", "float16")
+# model.attention_impl (None = 'xla'): see `visor_jax.models.nn.attention`.
+ATTENTION_IMPLS = ("xla", "cudnn", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +108,9 @@ class ModelConfig:
   vision_aspect_ratio: str = "anyres_max_9"
   dtype: str = "float32"          # compute dtype (activations, matmuls)
   param_dtype: str = "float32"    # storage dtype of parameters
-  attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ('xla', 'cudnn')
+  # None/'xla': jax.nn.dot_product_attention's XLA path; 'cudnn': its fused GPU kernel;
+  # 'blockwise': flash-style plain JAX, no [T, T] array (models/blockwise_attention.py).
+  attention_impl: str | None = None
   remat: bool = False             # rematerialise each LLM layer in the backward pass
 
   @property
@@ -218,6 +222,10 @@ def model_config(m: ml_collections.ConfigDict | dict) -> ModelConfig:
   for key in ("dtype", "param_dtype"):
     if m[key] not in DTYPES:
       raise ValueError(f"model.{key}={m[key]!r} is not one of {DTYPES}.")
+  attention_impl = m.get("attention_impl")
+  if attention_impl is not None and attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention_impl={attention_impl!r} is not one of "
+                     f"{ATTENTION_IMPLS} or None.")
   r = m.get("router") or {}
   feasible = tuple(sorted((tuple(sorted(int(i) for i in b)) for b in (r.get("feasible") or ())),
                          key=len))  # cheapest (fewest SA layers) first
@@ -238,7 +246,7 @@ def model_config(m: ml_collections.ConfigDict | dict) -> ModelConfig:
       vision=vision, text=text, visor=visor, router=router, feature_layer=fl,
       projector_bias=bool(m.get("projector_bias", True)), image_token_id=int(m.image_token_id),
       image_grid_pinpoints=pinpoints, vision_aspect_ratio=m.vision_aspect_ratio,
-      dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.get("attention_impl"),
+      dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=attention_impl,
       remat=bool(m.get("remat", False)))
 
 

@@ -30,7 +30,9 @@ def _model(vision: dict, text: dict, **kw) -> ml_collections.ConfigDict:
       feature_layer=-1, feature_select_strategy="full", projector_bias=True,
       image_token_id=151646, image_grid_pinpoints=pinpoints(384),
       vision_aspect_ratio="anyres_max_9",
-      dtype="float32", param_dtype="float32", attention_impl=None, remat=False))
+      dtype="float32", param_dtype="float32", remat=False,
+      # None = 'xla'; a typed placeholder so --config.model.attention_impl=blockwise overrides it
+      attention_impl=ml_collections.config_dict.placeholder(str)))
   c.update(kw)
   return c
 

@@ -24,7 +24,7 @@ from flax import nnx
 
 from visor_jax import budgets
 from visor_jax.models.llava_onevision import LlavaOnevision
-from visor_jax.models.nn import causal_mask
+from visor_jax.models.nn import Mask
 from visor_jax.models.router import last_prompt_index
 
 Array = jax.Array
@@ -60,8 +60,8 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
   b, n = v.shape[:2]
   all_pos = jnp.concatenate([vis_pos, text_pos], axis=1)
   all_valid = jnp.concatenate([vis_valid, text_valid], axis=1)
-  text_mask = causal_mask(text_pos, text_pos, text_valid)
-  full_mask = causal_mask(all_pos, all_pos, all_valid)
+  text_mask = Mask(text_valid, text_pos, text_pos, causal=True)
+  full_mask = Mask(all_valid, all_pos, all_pos, causal=True)
   kv_shape = (b, n, cfg.text.num_kv_heads, cfg.text.head_dim)
   zeros = lambda count: jnp.zeros((count, *kv_shape), t.dtype)
   layer_def, layer_state = nnx.split(dec.layers)
@@ -133,7 +133,7 @@ def decode_step(model: LlavaOnevision, token: Array, pos: Array, index: Array,
       past = (jnp.concatenate([cache["vis_k"][sa_slot], tk], axis=1),
               jnp.concatenate([cache["vis_v"][sa_slot], tv], axis=1))
       valid = jnp.concatenate([vis_valid, past_text, new], axis=1)
-      return layer.with_kv(x, pos1, valid[:, None, None, :], past)
+      return layer.with_kv(x, pos1, Mask(valid, pos1), past)
 
     def text(x):
       if num_ca:
@@ -143,7 +143,7 @@ def decode_step(model: LlavaOnevision, token: Array, pos: Array, index: Array,
                              vis_valid, cfg.attention_impl)
         x = jax.lax.cond(is_ca, with_ca, lambda x: x, x)
       valid = jnp.concatenate([past_text, new], axis=1)
-      return layer.with_kv(x, pos1, valid[:, None, None, :], (tk, tv))
+      return layer.with_kv(x, pos1, Mask(valid, pos1), (tk, tv))
 
     x, k, v = jax.lax.cond(bit, sa, text, x) if num_sa else text(x)
     return x, (tk.at[rows, index].set(k[:, 0]), tv.at[rows, index].set(v[:, 0]))

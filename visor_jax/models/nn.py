@@ -10,6 +10,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from visor_jax.config_lib import ATTENTION_IMPLS
+from visor_jax.models.blockwise_attention import blockwise_attention
+
 Array = jax.Array
 DEFAULT_INIT = nnx.initializers.normal(0.02)
 
@@ -75,21 +78,86 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array | None, *,
+@jax.tree_util.register_pytree_node_class
+class Mask:
+  """Which keys each query may see, given implicitly so no [T, S] array need exist.
+
+  Query i sees key j iff k_valid[j] and, when `causal`, k_pos[j] <= q_pos[i]. Positions, not
+  array order, define causality, so the visual and text streams may be concatenated in any
+  order and still reproduce the original interleaved causal mask.
+
+  k_valid bool[B, S]; q_pos int32[B, T] and k_pos int32[B, S] (only read when causal).
+  The 'blockwise' implementation builds the mask per block from these; the others get
+  `dense()`.
+  """
+
+  def __init__(self, k_valid: Array, q_pos: Array | None = None, k_pos: Array | None = None,
+               *, causal: bool = False):
+    if causal and (q_pos is None or k_pos is None):
+      raise ValueError("Mask(causal=True) needs q_pos and k_pos.")
+    self.k_valid, self.q_pos, self.k_pos, self.causal = k_valid, q_pos, k_pos, causal
+
+  def tree_flatten(self):
+    return (self.k_valid, self.q_pos, self.k_pos), self.causal
+
+  @classmethod
+  def tree_unflatten(cls, causal, children):
+    return cls(*children, causal=causal)
+
+  def dense(self, num_queries: int | None = None) -> Array:
+    """bool[B, 1, T, S] (T = num_queries when not causal and q_pos is None)."""
+    if self.causal:
+      return ((self.k_pos[:, None, None, :] <= self.q_pos[:, None, :, None])
+              & self.k_valid[:, None, None, :])
+    t = self.q_pos.shape[1] if num_queries is None else num_queries
+    b, s = self.k_valid.shape
+    return jnp.broadcast_to(self.k_valid[:, None, None, :], (b, 1, t, s))
+
+  def has_key(self, num_queries: int | None = None) -> Array:
+    """bool[B, T]: the query sees at least one key. O(T + S): no [T, S] array."""
+    if self.causal:
+      big = jnp.iinfo(jnp.int32).max
+      k_min = jnp.min(jnp.where(self.k_valid, self.k_pos, big), axis=-1, initial=big)  # S may be 0
+      return self.q_pos >= k_min[:, None]
+    t = self.q_pos.shape[1] if num_queries is None else num_queries
+    return jnp.broadcast_to(jnp.any(self.k_valid, axis=-1)[:, None], (self.k_valid.shape[0], t))
+
+
+def check_implementation(implementation: str | None) -> str:
+  """None → 'xla' (the default); anything not in ATTENTION_IMPLS is an error."""
+  impl = "xla" if implementation is None else implementation
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation {implementation!r} (model.attention_impl) is "
+                     f"not one of {ATTENTION_IMPLS} or None.")
+  return impl
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | Mask | None, *,
               implementation: str | None = None) -> Array:
-  """Scaled dot-product attention; the one switch point for a TPU/GPU kernel.
+  """Scaled dot-product attention; the one switch point for an attention kernel.
 
   q: float[B, T, N, H]; k, v: float[B, S, K, H] with N % K == 0 (grouped-query);
-  mask: bool[B, 1|N, T, S] (True = may attend) or None. Softmax runs in float32.
+  mask: a `Mask`, a dense bool[B, 1|N, T, S] (True = may attend), or None. Softmax runs in
+  float32. → float[B, T, N, H]. A query row that sees no key gets the uniform average of v
+  (jax.nn.dot_product_attention's 'xla' behaviour, which 'blockwise' reproduces; callers that
+  care, like cross-attention, zero such rows themselves via `Mask.has_key`).
+
+  implementation (`model.attention_impl`): None/'xla' — jax.nn.dot_product_attention's XLA
+  path (materialises the float32 [B, N, T, S] probabilities); 'cudnn' — its cuDNN fused kernel
+  (GPU only); 'blockwise' — `blockwise_attention`, flash-style, no [T, S] array when `mask` is
+  a `Mask`, and key blocks wholly after a query block's last position are skipped.
   """
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  impl = check_implementation(implementation)
+  if impl == "blockwise":
+    if isinstance(mask, Mask):
+      return blockwise_attention(q, k, v, q_pos=mask.q_pos, k_pos=mask.k_pos,
+                                 k_valid=mask.k_valid, causal=mask.causal)
+    return blockwise_attention(q, k, v, mask=mask)
+  if isinstance(mask, Mask):
+    mask = mask.dense(q.shape[1])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def causal_mask(q_pos: Array, k_pos: Array, k_valid: Array) -> Array:
-  """bool[B, 1, T, S]: query at position p sees valid keys at positions <= p.
-
-  Positions, not array order, define causality, so the visual and text streams may be
-  concatenated in any order and still reproduce the original interleaved causal mask.
-  """
-  return ((k_pos[:, None, None, :] <= q_pos[:, None, :, None])
-          & k_valid[:, None, None, :])
+  """bool[B, 1, T, S]: query at position p sees valid keys at positions <= p (`Mask.dense`)."""
+  return Mask(k_valid, q_pos, k_pos, causal=True).dense()

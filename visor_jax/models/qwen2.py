@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from visor_jax.config_lib import TextConfig
-from visor_jax.models.nn import Dense, RMSNorm, attention, rope
+from visor_jax.models.nn import Dense, Mask, RMSNorm, attention, rope
 
 Array = jax.Array
 
@@ -64,16 +64,17 @@ class Qwen2Layer(nnx.Module):
     self.mlp = Qwen2MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.attention_impl = attention_impl
 
-  def __call__(self, x: Array, pos: Array, mask: Array) -> Array:
-    """x: float[B, S, D]; pos: int32[B, S]; mask: bool[B, 1, S, S] → float[B, S, D]."""
+  def __call__(self, x: Array, pos: Array, mask: Mask | Array) -> Array:
+    """x: float[B, S, D]; pos: int32[B, S]; mask: a `Mask` over S keys or a dense
+    bool[B, 1, S, S] → float[B, S, D]."""
     return self.with_kv(x, pos, mask)[0]
 
-  def with_kv(self, x: Array, pos: Array, mask: Array,
+  def with_kv(self, x: Array, pos: Array, mask: Mask | Array,
               past: tuple[Array, Array] | None = None) -> tuple[Array, Array, Array]:
     """The layer, also returning the keys/values of x (for a KV cache).
 
     past: cached (k, v) float[B, P, K, H] that x's queries also attend to (decoding); the mask
-    is then bool[B, 1, S, P + S] over [past; x]. Returns (out float[B, S, D], k, v of x).
+    is then over the P + S keys [past; x]. Returns (out float[B, S, D], k, v of x).
     """
     h = self.input_norm(x)
     k, v = self.attn.project_kv(h, pos)

@@ -17,7 +17,8 @@ Array = jax.Array
 
 
 class SiglipLayer(nnx.Module):
-  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype,
+               attention_impl: str | None = None):
     d, f = cfg.hidden_size, cfg.intermediate_size
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=True)
     self.norm1 = LayerNorm(d, cfg.layer_norm_eps, axis_name="vision_embed", param_dtype=param_dtype)
@@ -29,13 +30,15 @@ class SiglipLayer(nnx.Module):
     self.fc1 = Dense(d, f, ("vision_embed", "vision_mlp"), **kw)
     self.fc2 = Dense(f, d, ("vision_mlp", "vision_embed"), **kw)
     self.num_heads = cfg.num_heads
+    self.attention_impl = attention_impl
 
   def __call__(self, x: Array) -> Array:
     """x: float[N, P, D] (N crops of P patches)."""
     n, p, d = x.shape
     heads = lambda t: t.reshape(n, p, self.num_heads, d // self.num_heads)
     h = self.norm1(x)
-    a = attention(heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h)), None)
+    a = attention(heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h)), None,
+                  implementation=self.attention_impl)
     x = x + self.o_proj(a.reshape(n, p, d))
     h = self.norm2(x)
     return x + self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))  # gelu_pytorch_tanh
@@ -43,7 +46,7 @@ class SiglipLayer(nnx.Module):
 
 class SiglipVisionTower(nnx.Module):
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, attention_impl: str | None = None):
     p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
     self.cfg, self.dtype = cfg, dtype
     self.patch_embed = Dense(p * p * c, d, ("patch", "vision_embed"), bias=True, rngs=rngs,
@@ -56,7 +59,8 @@ class SiglipVisionTower(nnx.Module):
     @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs):
-      return SiglipLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      return SiglipLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                         attention_impl=attention_impl)
 
     self.layers = make_layers(rngs)
     self.post_norm = LayerNorm(d, cfg.layer_norm_eps, axis_name="vision_embed",

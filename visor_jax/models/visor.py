@@ -13,7 +13,7 @@ select). So an off bit really skips the visual work instead of computing and mas
 per-sample budgets give each sample exactly what it would get alone.
 
 V and T are kept as two streams in any array order; causality comes from the original position
-ids (`nn.causal_mask`), so "every layer SA" with the new parts at their zero init is exactly
+ids (`nn.Mask`), so "every layer SA" with the new parts at their zero init is exactly
 LLaVA-OV.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from visor_jax.config_lib import ModelConfig, TextConfig
-from visor_jax.models.nn import RMSNorm, attention, causal_mask
+from visor_jax.models.nn import Mask, RMSNorm, attention
 from visor_jax.models.qwen2 import Qwen2Attention, Qwen2Layer
 from visor_jax.models.router import Router, choose, last_prompt_index
 
@@ -61,10 +61,12 @@ class CrossAttention(nnx.Module):
   def read(self, t: Array, k: Array, val: Array, t_pos: Array, v_pos: Array, v_valid: Array,
            impl: str | None = None) -> Array:
     """Text queries against precomputed visual keys/values → float[B, T, D]."""
-    mask = (v_pos[:, None, None, :] < t_pos[:, None, :, None]) & v_valid[:, None, None, :]
+    # Visual tokens strictly before the text token: positions are integers, so
+    # v_pos < t_pos ⟺ v_pos <= t_pos - 1, a causal Mask (never materialised by 'blockwise').
+    mask = Mask(v_valid, t_pos - 1, v_pos, causal=True)
     a = attention(self.attn.project_q(self.q_norm(t), t_pos), k, val, mask, implementation=impl)
     # A text token before the image has no key to read: give it exactly nothing.
-    a = a * jnp.any(mask, axis=-1)[:, 0, :, None, None].astype(a.dtype)
+    a = a * mask.has_key()[:, :, None, None].astype(a.dtype)
     out = self.attn.output(a)
     return out if self.gate is None else jnp.tanh(self.gate[...]).astype(out.dtype) * out
 
@@ -201,11 +203,11 @@ class VisorDecoder(nnx.Module):
           t = with_ca(t) if l_is_ca else t
         else:
           t = jax.lax.cond(l_is_ca, with_ca, lambda t: t, t)
-      return layer(t, text_pos, causal_mask(text_pos, text_pos, text_valid))
+      return layer(t, text_pos, Mask(text_valid, text_pos, text_pos, causal=True))
 
     def sa_path(layer, t, v):
       x = layer(jnp.concatenate([v, t], axis=1), all_pos,
-                causal_mask(all_pos, all_pos, all_valid))
+                Mask(all_valid, all_pos, all_pos, causal=True))
       return x[:, -n_text:], x[:, :-n_text]
 
     def body(carry, xs):
