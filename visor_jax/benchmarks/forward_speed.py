@@ -80,7 +80,7 @@ def build_input(cfg: ModelConfig, image_size: int, text_len: int, seed: int = 0)
   return inputs_lib.collate([sample]), sample, token_ids, image
 
 
-CLEAN_UTILISATION = 0.75  # a run is clean if it got >= 75% of the cores' time
+OTHERS_LIMIT = 0.2        # a run is clean if other processes used < 20% of the cores' time
 MAX_ATTEMPTS = 2          # runs per wanted run at most: bounds the time under load
 
 
@@ -92,14 +92,34 @@ class Timing:
   disturbed: int
 
 
+def busy_cpu_seconds() -> float | None:
+  """CPU seconds every process on the machine has used (Linux /proc/stat; None elsewhere)."""
+  try:
+    with open("/proc/stat") as f:
+      fields = f.readline().split()[1:]
+  except OSError:
+    return None
+  user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+  return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_share(wall: float, own_cpu: float, busy: float | None, cores: int) -> float:
+  """The share of the cores' time during a run that went to other processes: (machine busy
+  time - this process's) / (wall x cores). Measured on the machine, not inferred from this
+  process's own use, so a program that keeps only one core busy is not "disturbed"."""
+  if busy is None:  # no /proc/stat: nothing is known about the others
+    return 0.0
+  return max(0.0, busy - own_cpu) / max(wall * cores, 1e-9)
+
+
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Timing]:
   """Median wall seconds of each `fn()` after one warm-up run each, on a shared machine.
 
   Runs are interleaved round-robin (a, b, c, a, b, c, ...) so slow drift hits every
-  measurement alike. A run during which this process got less than `CLEAN_UTILISATION` of
-  the cores' time (process CPU time / (wall × cores): other processes took the cores) is
-  counted as disturbed and re-run, up to `MAX_ATTEMPTS × repeats` runs; if too few clean runs
-  remain, the median of all runs is reported and `Timing.clean < repeats` says so.
+  measurement alike. A run during which other processes used more than `OTHERS_LIMIT` of the
+  cores' time (`others_share`) is counted as disturbed and re-run, up to
+  `MAX_ATTEMPTS × repeats` runs; if too few clean runs remain, the median of all runs is
+  reported and `Timing.clean < repeats` says so.
   """
   cores = os.cpu_count() or 1
   for fn in fns.values():
@@ -111,11 +131,12 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
     if not pending:
       break
     for name in pending:
-      wall, cpu = time.perf_counter(), time.process_time()
+      busy, wall, cpu = busy_cpu_seconds(), time.perf_counter(), time.process_time()
       jax.block_until_ready(fns[name]())
       wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+      busy = None if busy is None else busy_cpu_seconds() - busy
       every[name].append(wall)
-      if cpu >= CLEAN_UTILISATION * cores * wall:
+      if others_share(wall, cpu, busy, cores) < OTHERS_LIMIT:
         clean[name].append(wall)
   out = {}
   for name in fns:
