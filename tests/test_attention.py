@@ -12,6 +12,7 @@ from visor_jax import budgets, config_lib, model_configs
 from visor_jax.data import inputs as inputs_lib
 from visor_jax.inference.generate import Generator, _layer_tables
 from visor_jax.models import blockwise_attention as bw
+from visor_jax.models import token_reduction as tr
 from visor_jax.models.llava_onevision import LlavaOnevision
 from visor_jax.models.nn import Mask, attention
 
@@ -280,3 +281,15 @@ def test_tiny_model_decode_blockwise_equals_reference(tiny_pair, small_blocks):
       steps.append(np.asarray(logits))
     out[impl] = np.stack(steps)
   np.testing.assert_allclose(out["blockwise"], out["xla"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "visionzip"])
+def test_token_reduction_peers_blockwise_equal_reference(tiny_pair, small_blocks, method):
+  """The peers' all-SA layers (over the tokens kept so far) pass an implicit mask too."""
+  cfg, models, samples = tiny_pair
+  batch = inputs_lib.collate(samples)
+  out = {impl: tr.jit_forward(m, tr.Reduction(method, 0.5))(nnx.state(m), batch, None, None)
+         for impl, m in models.items()}
+  np.testing.assert_array_equal(np.asarray(out["blockwise"].kept), np.asarray(out["xla"].kept))
+  np.testing.assert_allclose(np.asarray(out["blockwise"].logits), np.asarray(out["xla"].logits),
+                             atol=ATOL, rtol=0)

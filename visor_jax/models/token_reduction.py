@@ -47,7 +47,7 @@ from flax import nnx
 
 from visor_jax.config_lib import ModelConfig
 from visor_jax.models.llava_onevision import validate_inputs
-from visor_jax.models.nn import causal_mask, rope
+from visor_jax.models.nn import Mask, causal_mask, rope
 from visor_jax.models.router import last_prompt_index
 
 Array = jax.Array
@@ -454,7 +454,8 @@ def reduced_forward(model, inputs: Mapping[str, Array], reduction: Reduction,
       all_valid = jnp.concatenate([s.valid, text_valid], axis=1)
       x = jnp.concatenate([s.v, text], axis=1)
     kept.append(s.valid.sum(axis=1, dtype=jnp.int32))
-    out, k, _ = layer.with_kv(x, all_pos, causal_mask(all_pos, all_pos, all_valid))
+    # Implicit mask: the blockwise implementation never builds the [S, S] array.
+    out, k, _ = layer.with_kv(x, all_pos, Mask(all_valid, all_pos, all_pos, causal=True))
     text = out[:, nv:]
     s = s._replace(v=out[:, :nv])
     if reduction.method == "fastv" and l == reduction.layer - 1:
