@@ -27,6 +27,7 @@ from visor_jax import budgets, checkpoints, config_lib, export, runs
 from visor_jax.inference import generate
 from visor_jax.training import config as train_config
 from visor_jax.convert import hf_import, safetensors_io, tiny_checkpoint, torch_export
+from visor_jax.convert import torch_decode, torch_model
 from visor_jax.convert.torch_model import VisorForConditionalGeneration
 from visor_jax.data import inputs as inputs_lib
 from visor_jax.data import preprocess
@@ -226,6 +227,34 @@ def test_greedy_generation_equals_jax(run):
   np.testing.assert_array_equal(
       run["torch_model"].generate(run["batch"], steps, threshold=0.6).numpy(),
       run["torch_model"].generate(run["batch"], steps, budget=routed).numpy())
+
+
+@pytest.mark.parametrize("kind", ["mixed", "routed", "ca_only"])
+def test_cached_generation_equals_rerunning_the_decoder(run, kind):
+  """The KV cache (torch_decode.py) against re-running the whole decoder per token: same
+  tokens, and the same final hidden state at every step (to float32 rounding)."""
+  model, cfg, n = run["torch_model"], run["cfg"], len(run["samples"])
+  assert n == 4
+  budget = {"mixed": np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg),
+                                     budgets.mask(cfg, [1, 4]), budgets.mask(cfg, [4])]),
+            "routed": None, "ca_only": budgets.ca_only(cfg, n)}[kind]
+  kw = dict(budget=budget, threshold=0.6)
+  cached = model.generate(run["batch"], 6, **kw).numpy()
+  np.testing.assert_array_equal(cached, model.generate(run["batch"], 6, use_cache=False,
+                                                       **kw).numpy())
+  # Hidden states step by step: the cached step's against the re-run's last token.
+  with torch.no_grad():
+    x = model.prepare_inputs(run["batch"])
+    v = model.visual_stream(x)
+    hidden, cache = torch_decode.prefill(model, x, None if budget is None else
+                                         model._budget(budget, n), v, 0.6)
+    for step in range(3):
+      full, _, _ = model.hidden_states(x, cache.budget, v=v)
+      last = full[torch.arange(n), torch_model.last_valid_index(x["text_valid"])]
+      np.testing.assert_allclose(hidden.numpy(), last.numpy(), atol=1e-5, rtol=0)
+      token = torch.as_tensor(cached[:, step])
+      hidden = torch_decode.decode_step(model, cache, token)
+      x = torch_model.append_token(x, token)
 
 
 def test_load_exported_round_trip_is_bitwise(run):

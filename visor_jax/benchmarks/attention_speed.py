@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from visor_jax.benchmarks import cpu_model
 from visor_jax.benchmarks.forward_speed import FLAGS, interleaved_medians
 from visor_jax.models import blockwise_attention as bw
 from visor_jax.models.nn import Mask, attention
@@ -46,17 +47,6 @@ flags.DEFINE_bool("skip_backward", False, "Time the forward only.")
 
 TEXT = 64
 PROMPT_PREFIX = 3
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
 
 
 def llm_case(n_vis: int, rng: np.random.Generator):

@@ -102,12 +102,22 @@ class CrossAttention(nn.Module):
 
   def forward(self, t: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """t: float[B, T, D], v: float[B, N, D], mask: bool[B, 1, T, N] → update float[B, T, D]."""
-    (b, n_t, _), n_v = t.shape, v.shape[1]
-    q = self.q_proj(self.q_norm(t)).view(b, n_t, -1, self.head_dim).transpose(1, 2)
+    return self.attend(t, *self.kv(v), mask)
+
+  def kv(self, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values of the visual tokens float[B, N, D] → 2 x float[B, K, N, H] (a
+    generation computes them once per image: `torch_decode`)."""
+    b, n_v, _ = v.shape
     kv_in = self.kv_norm(v)
     kv_heads = self.k_proj.out_features // self.head_dim
     k = self.k_proj(kv_in).view(b, n_v, kv_heads, self.head_dim).transpose(1, 2)
     val = self.v_proj(kv_in).view(b, n_v, kv_heads, self.head_dim).transpose(1, 2)
+    return k, val
+
+  def attend(self, t: Tensor, k: Tensor, val: Tensor, mask: Tensor) -> Tensor:
+    """t: float[B, T, D] reads keys/values from `kv` → update float[B, T, D]."""
+    b, n_t, _ = t.shape
+    q = self.q_proj(self.q_norm(t)).view(b, n_t, -1, self.head_dim).transpose(1, 2)
     a, _ = eager_attention_forward(self, q, k, val, additive(mask, q.dtype), self.scaling)
     a = a * mask.any(-1)[:, 0, :, None, None].to(a.dtype)       # [B, T, N_heads, H]
     out = self.o_proj(a.reshape(b, n_t, -1))
@@ -435,36 +445,48 @@ class VisorForConditionalGeneration(nn.Module):
 
   @torch.no_grad()
   def generate(self, inputs: Mapping[str, Any], max_new_tokens: int, budget: Any = None,
-               threshold: float | None = None, eos_token_id: int | None = None) -> Tensor:
+               threshold: float | None = None, eos_token_id: int | None = None,
+               use_cache: bool = True) -> Tensor:
     """Greedy decoding → long[B, max_new_tokens] (after a sample's EOS: EOS repeated).
 
-    No KV cache: each step re-runs the decoder with the new token appended to the text stream
-    (position = the sample's last position + 1); the vision tower runs once. Simple and
-    exactly the prefill function; O(steps × prompt) decoder compute. With `budget=None` the router chooses each sample's
+    With `use_cache` (the default) the prompt runs once and each new token runs through the
+    layers against a KV cache (`torch_decode.py`: text keys/values per layer, visual ones
+    where SA ran, CA keys/values once per image). Without it, each step re-runs the decoder
+    with the new token appended to the text stream: exactly the prefill function, kept as
+    the reference the cache is tested against. New tokens take positions after the sample's
+    last one; the vision tower runs once. With `budget=None` the router chooses each sample's
     budget once, on the prompt, and decoding keeps it (the method: "decoding uses the same
     layer sets").
     """
+    from visor_jax.convert import torch_decode
     x = self.prepare_inputs(inputs)
     b = x["tokens"].shape[0]
     v = self.visual_stream(x)
-    if budget is None:
+    budget = None if budget is None else self._budget(budget, b)
+    if use_cache:
+      last_hidden, cache = torch_decode.prefill(self, x, budget, v, threshold)
+    elif budget is None:
       hidden, budget, _ = self.hidden_states(x, None, threshold, v)
     else:
-      budget = self._budget(budget, b)
       hidden, _, _ = self.hidden_states(x, budget, v=v)
     out = []
-    done = torch.zeros(b, dtype=torch.bool, device=hidden.device)
+    done = torch.zeros(b, dtype=torch.bool, device=v.device)
     for step in range(max_new_tokens):
-      last = last_valid_index(x["text_valid"])
-      nxt = self.logits(hidden[torch.arange(b, device=hidden.device), last]).argmax(-1)
+      if not use_cache:
+        last_hidden = hidden[torch.arange(b, device=hidden.device),
+                             last_valid_index(x["text_valid"])]
+      nxt = self.logits(last_hidden).argmax(-1)
       if eos_token_id is not None:
         nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
         done = done | (nxt == eos_token_id)
       out.append(nxt)
       if step + 1 == max_new_tokens or bool(done.all()):
         break
-      x = append_token(x, nxt)
-      hidden, _, _ = self.hidden_states(x, budget, v=v)
+      if use_cache:
+        last_hidden = torch_decode.decode_step(self, cache, nxt)
+      else:
+        x = append_token(x, nxt)
+        hidden, _, _ = self.hidden_states(x, budget, v=v)
     tokens = torch.stack(out, dim=1)
     if tokens.shape[1] < max_new_tokens:  # everyone stopped early
       pad = torch.full((b, max_new_tokens - tokens.shape[1]), eos_token_id, dtype=tokens.dtype,
