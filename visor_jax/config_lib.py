@@ -8,6 +8,7 @@ field *before* anything is traced or compiled.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Sequence
 
@@ -262,3 +263,23 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     kind = type(defaults[key])
     out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
   return out
+
+
+def resolve_config_path(spec: str) -> str:
+  """A `--config` value ('configs/universal.py:model=tiny') whose file is found from any
+  directory: as given when it exists (or is absolute), else the copy of configs/ that ships
+  with the package (`pip install .` installs it as visor_jax/configs; a source checkout has
+  it beside visor_jax/). The ':variant' suffix is kept. Anything else comes back unchanged,
+  so ml_collections reports the path as typed."""
+  path, colon, variant = spec.partition(":")
+  if not path or os.path.isabs(path) or os.path.exists(path):
+    return spec
+  parts = os.path.normpath(path).split(os.sep)
+  if parts[0] != "configs":
+    return spec
+  package = os.path.dirname(os.path.abspath(__file__))
+  for root in (package, os.path.dirname(package)):  # installed copy, then source checkout
+    candidate = os.path.join(root, *parts)
+    if os.path.isfile(candidate):
+      return candidate + colon + variant
+  return spec
