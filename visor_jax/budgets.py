@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from visor_jax import paths
 from visor_jax.config_lib import ModelConfig
 
 LayerSets = list[list[int]]
@@ -173,7 +174,7 @@ def resolve(spec: Any, cfg: ModelConfig, field: str = "budgets", *, allow_all: b
     s = spec.strip()
     if s == "maximal":
       return [maximal(cfg)]
-    if os.path.isfile(s):
+    if paths.isfile(s):
       return validate_sets(cfg, read_feasible(s), f"{field} ({s})", allow_all=allow_all)
     if s.endswith(".json"):
       raise ValueError(f"{field}: no file {s!r}.")
@@ -196,8 +197,8 @@ def write_feasible(path: str | os.PathLike, layer_sets: Sequence[Sequence[int]],
   `model.router.feasible`."""
   data = {FEASIBLE_KEY: [sorted(int(i) for i in s) for s in layer_sets], **extra}
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  paths.makedirs(paths.dirname(paths.normalize(path)))
+  with paths.open(path, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=1)
   return data
 
@@ -205,7 +206,7 @@ def write_feasible(path: str | os.PathLike, layer_sets: Sequence[Sequence[int]],
 def read_feasible(path: str | os.PathLike) -> LayerSets:
   """The budgets of a feasible.json (unvalidated: `resolve` checks them against a model)."""
   path = os.fspath(path)
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     try:
       data = json.load(f)
     except json.JSONDecodeError as e:

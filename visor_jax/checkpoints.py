@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+from visor_jax import paths
 
 log = logging.getLogger(__name__)
 ITEMS = ("state", "data", "config", "model", "tokenizer", "image_processor")
@@ -34,9 +35,9 @@ ITEMS = ("state", "data", "config", "model", "tokenizer", "image_processor")
 
 class Checkpointer:
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = paths.normalize(paths.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
-        self.directory,
+        paths.as_path(self.directory),
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=keep,
             enable_async_checkpointing=async_save, create=True),
@@ -86,17 +87,18 @@ class Checkpointer:
 
 
 def checkpoint_dir(path: str) -> tuple[str, int | None]:
-  """A run's workdir, its checkpoints dir, or one step dir → (checkpoints dir, step or None)."""
-  path = os.path.abspath(path)
-  if os.path.basename(path).isdigit():
-    return os.path.dirname(path), int(os.path.basename(path))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None
+  """A run's workdir, its checkpoints dir, or one step dir → (checkpoints dir, step or None).
+  Local or `gs://` (`paths`)."""
+  path = paths.normalize(path)
+  if paths.basename(path).isdigit():
+    return paths.dirname(path), int(paths.basename(path))
+  if paths.isdir(paths.join(path, "checkpoints")):
+    return paths.join(path, "checkpoints"), None
   return path, None
 
 
 def _reader(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(directory, item_names=ITEMS,
+  return ocp.CheckpointManager(paths.as_path(directory), item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True))
 
 
@@ -120,7 +122,7 @@ def read_run(path: str, step: int | None = None) -> dict:
   import ml_collections
   manager, step = _step(path, step)
   names = ("config", "model", "tokenizer")
-  on_disk = set(os.listdir(os.path.join(str(manager.directory), str(step))))
+  on_disk = set(paths.listdir(paths.join(str(manager.directory), str(step))))
   missing = [n for n in names if n not in on_disk]
   if missing:
     raise ValueError(f"{path} step {step}: the checkpoint has no {missing} item(s); it was "

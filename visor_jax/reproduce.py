@@ -15,7 +15,8 @@ rerun; an interrupted training stage resumes from its own checkpoint):
   router/     the router on pseudo-labels over the feasible budgets
   evaluate/   every method on the test split, the controls; then results/ (evaluation/report.py)
 
-The stages share one copy of the data (<workdir>/data). What each step means and why: see
+The stages share one copy of the data (<workdir>/data; with a gs:// workdir, the local data
+cache `sources.LOCAL_DATA_CACHE`: see docs/storage.md). What each step means and why: see
 docs/reproduce.md.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import runs
+from visor_jax import paths, runs
 from visor_jax.data import inputs, pages, sources
 from visor_jax.data.conversations import ImageLoader
 from visor_jax.evaluation import harness, report
@@ -61,7 +62,7 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   c.seed = rc.seed
   c.data.batch_size = rc.batch
   c.data.synthetic_sizes = dict(rc.sizes)
-  c.data.synthetic_dir = os.path.join(workdir, "data")
+  c.data.synthetic_dir = data_dir(workdir)
   c.num_steps = rc.steps[stage]
   c.optim.lr = rc.lr[stage]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, c.num_steps // 10))
@@ -73,7 +74,7 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
     c.budgets = "all"
   c.data.pages_readout = stage == "readout"
   if stage != "readout":
-    c.init_from = os.path.join(workdir, {"base": "readout", "stage1": "base", "stage2": "stage1",
+    c.init_from = paths.join(workdir, {"base": "readout", "stage1": "base", "stage2": "stage1",
                                          "universal": "stage2"}[stage])
   if stage == "stage1":
     c.optim.param_groups = train_config.GROUPS_STAGE1
@@ -85,29 +86,33 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   return c
 
 
+def data_dir(workdir: str) -> str:
+  """Where the stages' pages dataset lives: <workdir>/data, or the local data cache for a
+  gs:// workdir (array_record files must be local)."""
+  return sources.LOCAL_DATA_CACHE if paths.is_remote(workdir) else os.path.join(workdir, "data")
+
+
 STAGES = ("readout", "base", "stage1", "stage2", "universal", "search", "router")
 
 
 def _stage(workdir: str, name: str, fn: Callable[[str], bool]) -> str:
   """Runs `fn(stage_dir)` unless the stage is DONE (which holds its wall seconds); fn returns
   False when interrupted."""
-  d = os.path.join(workdir, name)
-  if os.path.exists(os.path.join(d, DONE)):
+  d = paths.join(workdir, name)
+  if paths.exists(paths.join(d, DONE)):
     log.info("stage %s: done already (%s)", name, d)
     return d
   log.info("stage %s: running in %s", name, d)
-  os.makedirs(d, exist_ok=True)
+  paths.makedirs(d)
   start = time.time()
   if not fn(d):
     raise SystemExit(f"stage {name} was interrupted; rerun the same command to resume it.")
-  with open(os.path.join(d, DONE), "w") as f:
-    f.write(f"{time.time() - start:.1f}\n")
+  paths.write_text(paths.join(d, DONE), f"{time.time() - start:.1f}\n")
   return d
 
 
 def _seconds(workdir: str, name: str) -> float:
-  with open(os.path.join(workdir, name, DONE)) as f:
-    return float(f.read().strip() or 0)
+  return float(paths.read_text(paths.join(workdir, name, DONE)).strip() or 0)
 
 
 def _cpu_model() -> str:
@@ -136,9 +141,9 @@ def data_params(rc, workdir: str, permute_rows: bool = False) -> dict:
 
 def test_items(rc, workdir: str, permute_rows: bool = False) -> list[harness.Item]:
   params = data_params(rc, workdir, permute_rows)
-  data_dir = os.path.join(workdir, "data")
-  pages.build(data_dir, **params)
-  return harness.synthetic_items(data_dir, "test", dataset="pages", **params)
+  directory = data_dir(workdir)
+  pages.build(directory, **params)
+  return harness.synthetic_items(directory, "test", dataset="pages", **params)
 
 
 def _index(item: harness.Item) -> int:
@@ -158,7 +163,7 @@ def families_with_chance(rc, items) -> dict:
 def question_only(rc, workdir: str, items) -> dict:
   """The blind baseline: each test question answered with the most frequent train answer to
   the same question text (the image never looked at); a harness-like summary per family."""
-  recs = pages.records("train", os.path.join(workdir, "data"), **data_params(rc, workdir))
+  recs = pages.records("train", data_dir(workdir), **data_params(rc, workdir))
   answers = collections.defaultdict(collections.Counter)
   for i in range(len(recs)):
     turns = recs[i]["conversations"]
@@ -213,9 +218,9 @@ def evaluate_all(rc, workdir: str, out_dir: str, print_fn: Callable = print) -> 
   kw = dict(batch_size=rc.eval_batch, max_new_tokens=4, print_fn=print_fn)
 
   # The base model and the token-reduction peers on it.
-  base = serving.Assistant(runs.load_run(os.path.join(workdir, "base")))
+  base = serving.Assistant(runs.load_run(paths.join(workdir, "base")))
   all_layers = [list(range(base.cfg.num_layers))]
-  s_base = eval_main.evaluate(base, items, os.path.join(out_dir, "base"), layer_sets=all_layers,
+  s_base = eval_main.evaluate(base, items, paths.join(out_dir, "base"), layer_sets=all_layers,
                               reductions=peers, **kw)
   base_row = s_base["runs"][0]
   rows = [report.row("base", "all layers SA", base_row, families, base_row,
@@ -226,10 +231,10 @@ def evaluate_all(rc, workdir: str, out_dir: str, print_fn: Callable = print) -> 
                                                                rc.eval_batch)))
 
   # VISOR: the feasible budgets, the router, VISOR-TR (on the router run's weights).
-  visor = serving.Assistant(runs.load_run(os.path.join(workdir, "router")))
+  visor = serving.Assistant(runs.load_run(paths.join(workdir, "router")))
   fixed = [list(b) for b in budgets_lib.default_feasible(visor.cfg)]
   fixed += [list(b) for b in visor.cfg.router.feasible if list(b) not in fixed]
-  s_visor = eval_main.evaluate(visor, items, os.path.join(out_dir, "visor"), layer_sets=fixed,
+  s_visor = eval_main.evaluate(visor, items, paths.join(out_dir, "visor"), layer_sets=fixed,
                                router=True, reductions=visor_tr, **kw)
   hist = {}
   for r in s_visor["runs"]:
@@ -250,9 +255,9 @@ def evaluate_all(rc, workdir: str, out_dir: str, print_fn: Callable = print) -> 
                "families": report.family_stats(blind, families), "llm_gflops": None,
                "llm_saving": None, "total_saving": None})
   permuted = test_items(rc, workdir, permute_rows=True)
-  s_perm = eval_main.evaluate(visor, permuted, os.path.join(out_dir, "permuted"),
+  s_perm = eval_main.evaluate(visor, permuted, paths.join(out_dir, "permuted"),
                               layer_sets=[[], budgets_lib.maximal(visor.cfg)], **kw)
-  s_perm_base = eval_main.evaluate(base, permuted, os.path.join(out_dir, "permuted_base"),
+  s_perm_base = eval_main.evaluate(base, permuted, paths.join(out_dir, "permuted_base"),
                                    layer_sets=all_layers, **kw)
   perm_rows = [report.row("base", "all layers SA", s_perm_base["runs"][0], families, base_row)]
   perm_rows += [report.row("visor", r["label"], r, families, base_row, sa_layers=r["sa_layers"])
@@ -264,7 +269,7 @@ def evaluate_all(rc, workdir: str, out_dir: str, print_fn: Callable = print) -> 
 def search_stage(rc, workdir: str) -> Callable[[str], bool]:
   """Every SA subset of the universal run on validation items → feasible.json."""
   def fn(d):
-    eval_main.run(os.path.join(workdir, "universal"), d, mode="search",
+    eval_main.run(paths.join(workdir, "universal"), d, mode="search",
                   limit=rc.search_items, batch_size=rc.eval_batch, max_new_tokens=4)
     return True
   return fn
@@ -274,8 +279,8 @@ def router_stage(rc, workdir: str) -> Callable[[str], bool]:
   def fn(d):
     c = train_config.router(train_config.pages(rc.grid))
     c.seed = rc.seed
-    c.router_train.from_workdir = os.path.join(workdir, "universal")
-    c.router_train.feasible = os.path.join(workdir, "search", "feasible.json")
+    c.router_train.from_workdir = paths.join(workdir, "universal")
+    c.router_train.feasible = paths.join(workdir, "search", "feasible.json")
     c.router_train.num_samples = rc.router.num_samples
     c.router_train.epochs = rc.router.epochs
     c.router_train.threshold = rc.router.threshold
@@ -286,12 +291,12 @@ def router_stage(rc, workdir: str) -> Callable[[str], bool]:
 
 def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = print) -> dict:
   """All stages (skipping finished ones), then results/ under the workdir; returns results."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   for stage in STAGES[:5]:  # the training stages
     _stage(workdir, stage, _train(stage_config(rc, stage, workdir)))
   _stage(workdir, "search", search_stage(rc, workdir))
   _stage(workdir, "router", router_stage(rc, workdir))
-  out_dir = os.path.join(workdir, "evaluate")
+  out_dir = paths.join(workdir, "evaluate")
   start = time.time()
   results = evaluate_all(rc, workdir, out_dir, print_fn)
   seconds = {s: _seconds(workdir, s) for s in STAGES}
@@ -311,10 +316,9 @@ def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = 
       "Control: rows permuted (labels re-derived from the shown layout)": "\n".join(
           report.table_lines(results["permuted_rows"], list(results["families"]))),
       "Time per stage (s)": ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())}
-  paths = report.write(results, os.path.join(workdir, "results"))
-  with open(paths["md"]) as f:
-    print_fn(f.read())
-  print_fn(f"wrote {paths}")
+  written = report.write(results, paths.join(workdir, "results"))
+  print_fn(paths.read_text(written["md"]))
+  print_fn(f"wrote {written}")
   return results
 
 

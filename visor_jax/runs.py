@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
-from visor_jax import checkpoints, config_lib, sharding
+from visor_jax import checkpoints, config_lib, paths, sharding
 from visor_jax.convert import hf_config, hf_import, torch_export
 from visor_jax.data import inputs, preprocess, sources
 from visor_jax.data.conversations import DEFAULT_SYSTEM_PROMPT
@@ -80,10 +80,10 @@ class Run:
 def kind_of(path: str) -> str:
   """Which of KINDS `path` is; a clear error when it is none of them."""
   path = os.fspath(path)
-  if os.path.isfile(os.path.join(path, "config.json")):
+  if paths.isfile(paths.join(path, "config.json")):
     return "export" if hf_config.is_visor_export(path) else "transformers"
   directory, _ = checkpoints.checkpoint_dir(path)
-  if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
+  if paths.isdir(directory) and any(d.isdigit() for d in paths.listdir(directory)):
     return "orbax"
   raise FileNotFoundError(f"{path}: not a run. Expected an Orbax training workdir (with "
                           "checkpoints/), a transformers LLaVA-OV directory or an exported one "
@@ -114,7 +114,7 @@ def describe_run(path: str, step: int | None = None, model_overrides: dict | Non
   if tokenizer.vocab_size > cfg.text.vocab_size:
     raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                      f"vocabulary is {cfg.text.vocab_size}.")
-  workdir = os.path.dirname(checkpoints.checkpoint_dir(path)[0]) if kind == "orbax" else ""
+  workdir = paths.dirname(checkpoints.checkpoint_dir(path)[0]) if kind == "orbax" else ""
   return Run(kind=kind, path=path, step=step, config=config, model=model, cfg=cfg,
              tokenizer=tokenizer, image_spec=_image_spec(cfg, path, kind, saved),
              system_prompt=system, workdir=workdir)
@@ -205,7 +205,7 @@ def _image_spec(cfg: config_lib.ModelConfig, path: str, kind: str, saved: dict |
   if saved and saved.get("image_processor"):
     return preprocess.ImageProcessorSpec.from_hf_dict(
         saved["image_processor"], source=f"{path} step {saved['step']} image_processor")
-  if kind != "orbax" and any(os.path.isfile(os.path.join(path, f))
+  if kind != "orbax" and any(paths.isfile(paths.join(path, f))
                              for f in ("preprocessor_config.json", "processor_config.json")):
     return preprocess.ImageProcessorSpec.from_hf_dir(path)
   return inputs.processor_spec(cfg)
@@ -217,7 +217,7 @@ def _image_spec(cfg: config_lib.ModelConfig, path: str, kind: str, saved: dict |
 def check_source(field: str, path: str) -> None:
   """`path` (the config field `field`) is a run `load_run` reads; else an error naming the field,
   raised before anything is built or compiled."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"config.{field}={path}: no such file or directory (expected a "
                             "transformers directory, an exported one or an Orbax workdir).")
   try:
@@ -232,7 +232,7 @@ def check_experiment_paths(config: ml_collections.ConfigDict) -> None:
   compiles."""
   if config.init_from:
     check_source("init_from", config.init_from)
-  if config.tokenizer and config.tokenizer != "synthetic" and not os.path.isdir(config.tokenizer):
+  if config.tokenizer and config.tokenizer != "synthetic" and not paths.isdir(config.tokenizer):
     raise FileNotFoundError(f"config.tokenizer={config.tokenizer}: no such directory (expected "
                             "one with tokenizer.json, or 'synthetic').")
   sources.check_paths(config.data)

@@ -6,12 +6,11 @@ Only the architecture travels; VISOR's layer sets are ours and come from the exp
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import ml_collections
 
-from visor_jax import model_configs
+from visor_jax import model_configs, paths
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -77,19 +76,17 @@ def from_hf_dict(hf: dict[str, Any]) -> ml_collections.ConfigDict:
 def is_visor_export(directory: str) -> bool:
   """True for a directory written by `visor_jax.export` (its VISOR tensors must be loaded
   from `visor.*`, not initialised as for a plain LLaVA-OV checkpoint)."""
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(directory, "config.json")
+  if not paths.exists(path):
     return False
-  with open(path) as f:
-    return "visor" in json.load(f)
+  return "visor" in json.loads(paths.read_text(path))
 
 
 def read_hf_config(directory: str) -> ml_collections.ConfigDict:
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(directory, "config.json")
+  if not paths.exists(path):
     raise FileNotFoundError(f"{directory}: no config.json (not a transformers model directory).")
-  with open(path) as f:
-    return from_hf_dict(json.load(f))
+  return from_hf_dict(json.loads(paths.read_text(path)))
 
 
 def to_hf_dict(m: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}}, then raw little-endian bytes. Reading memory-maps the file, so a tensor costs
 memory only when it is used, and a sharded checkpoint (`model.safetensors.index.json`) is read
-one tensor at a time.
+one tensor at a time. A remote checkpoint (gs://, through `paths`) is read the same way, one
+ranged read per tensor.
 
 A downloaded checkpoint is untrusted: the index's shard names must stay inside the checkpoint
 directory, and a file that is not safetensors (a pickle, garbage) is refused by its header,
@@ -19,6 +20,8 @@ from typing import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from visor_jax import paths
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -38,11 +41,14 @@ def _not_safetensors(path: str, why: str) -> ValueError:
 def _read_header(path: str) -> tuple[dict, int]:
   """(tensor entries, data start). The header length is checked against the file size before
   it is read, so a pickle or garbage fails here, never as a huge read or a decode error."""
-  st = os.stat(path)
-  if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-    raise _not_safetensors(path, "not a regular file")
-  size = st.st_size
-  with open(path, "rb") as f:
+  if paths.is_remote(path):  # object stores hold regular objects only
+    size = paths.as_path(path).stat().length
+  else:
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+      raise _not_safetensors(path, "not a regular file")
+    size = st.st_size
+  with paths.open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
       raise _not_safetensors(path, "shorter than its 8-byte header length")
@@ -78,7 +84,7 @@ def _check_entry(path: str, key: str, info, data_bytes: int) -> None:
 def _shard_files(directory: str, index: str) -> list[str]:
   """The index's shard names, each checked to stay inside `directory`."""
   try:
-    with open(index, encoding="utf-8") as f:
+    with paths.open(index, encoding="utf-8") as f:
       weight_map = json.load(f)["weight_map"]
   except (ValueError, KeyError, TypeError):
     weight_map = None
@@ -93,7 +99,15 @@ def _shard_files(directory: str, index: str) -> list[str]:
 def _check_inside(directory: str, name: str, index: str) -> None:
   """Refuses a shard name that is absolute or whose real path (`..`, symlinks) leaves the
   directory: the index is untrusted, and must not make us open files elsewhere. A Hugging Face
-  cache snapshot (`<repo>/snapshots/<rev>/`) links its files to `<repo>/blobs/`, allowed too."""
+  cache snapshot (`<repo>/snapshots/<rev>/`) links its files to `<repo>/blobs/`, allowed too.
+  A remote directory has no links: `paths.confine` (textual)."""
+  if paths.is_remote(directory):
+    try:
+      paths.confine(directory, name)
+    except paths.Unconfined:
+      raise ValueError(f"{index}: shard {name!r} is outside the checkpoint directory "
+                       f"{directory}; refusing to open it.") from None
+    return
   real_dir = os.path.realpath(directory)
   allowed = [real_dir]
   if os.path.basename(os.path.dirname(real_dir)) == "snapshots":
@@ -108,17 +122,17 @@ class SafetensorsReader:
   """All tensors of a checkpoint directory (single file or sharded with an index)."""
 
   def __init__(self, directory: str):
-    index = os.path.join(directory, INDEX_FILE)
-    single = os.path.join(directory, SINGLE_FILE)
-    if os.path.exists(index):
+    index = paths.join(directory, INDEX_FILE)
+    single = paths.join(directory, SINGLE_FILE)
+    if paths.exists(index):
       files = _shard_files(directory, index)
-    elif os.path.exists(single):
+    elif paths.exists(single):
       files = [SINGLE_FILE]
     else:
       raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found.")
     self._where: dict[str, tuple[str, dict, int]] = {}
     for name in files:
-      path = os.path.join(directory, name)
+      path = paths.join(directory, name)
       header, start = _read_header(path)
       for key, info in header.items():
         self._where[key] = (path, info, start)
@@ -138,10 +152,15 @@ class SafetensorsReader:
     path, info, start = self._where[key]
     if info["dtype"] not in DTYPES:
       raise ValueError(f"{key}: unsupported safetensors dtype {info['dtype']}.")
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
     begin, end = info["data_offsets"]
-    buf = self._maps[path][start + begin:start + end]
+    if paths.is_remote(path):
+      with paths.open(path, "rb") as f:
+        f.seek(start + begin)
+        buf = np.frombuffer(f.read(end - begin), np.uint8)
+    else:
+      if path not in self._maps:
+        self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+      buf = self._maps[path][start + begin:start + end]
     return buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
@@ -160,7 +179,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
     header["__metadata__"] = dict(metadata)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # align the data start to 8 bytes, as the reference does
-  with open(path, "wb") as f:
+  with paths.open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for array in tensors.values():

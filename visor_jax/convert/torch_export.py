@@ -22,13 +22,12 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
 import numpy as np
 
-from visor_jax import config_lib
+from visor_jax import config_lib, paths
 from visor_jax.config_lib import ModelConfig
 from visor_jax.convert import safetensors_io
 
@@ -207,12 +206,12 @@ def write_safetensors(plans: list[TensorPlan], out_dir: str, dtype, max_shard_by
   weight_map = {}
   for file_name, group in zip(names, groups or [[]]):
     tensors = {key: by_name[key].make() for key in group}
-    safetensors_io.save_file(tensors, os.path.join(out_dir, file_name), metadata=meta)
+    safetensors_io.save_file(tensors, paths.join(out_dir, file_name), metadata=meta)
     weight_map.update({key: file_name for key in group})
     del tensors
   if len(names) > 1:
     total = sum(math.prod(p.shape) * itemsize for p in plans)
-    with open(os.path.join(out_dir, safetensors_io.INDEX_FILE), "w") as f:
+    with paths.open(paths.join(out_dir, safetensors_io.INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   return names
 
@@ -282,13 +281,13 @@ def export_params(params: Mapping[str, Any], model, out_dir: str, dtype="float32
   cfg = _model_config(model)
   dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}.get(str(dtype), dtype)
   flat = _flatten(params)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   _remove_old_weights(out_dir)
   plans = plan_tensors(flat, cfg, dtype)
   files = write_safetensors(plans, out_dir, dtype, max_shard_bytes)
-  _write_json(os.path.join(out_dir, "config.json"), hf_config_dict(cfg, dtype))
+  _write_json(paths.join(out_dir, "config.json"), hf_config_dict(cfg, dtype))
   if preprocessor:
-    _write_json(os.path.join(out_dir, "preprocessor_config.json"),
+    _write_json(paths.join(out_dir, "preprocessor_config.json"),
                 preprocessor_dict(cfg, image_spec))
   if tokenizer_dir:
     copy_tokenizer(tokenizer_dir, out_dir)
@@ -297,10 +296,10 @@ def export_params(params: Mapping[str, Any], model, out_dir: str, dtype="float32
 
 def _remove_old_weights(out_dir: str) -> None:
   """A previous export's single file or shards would shadow or mix with the new ones."""
-  for name in os.listdir(out_dir):
+  for name in paths.listdir(out_dir):
     if name == safetensors_io.INDEX_FILE or (name.startswith("model")
                                              and name.endswith(".safetensors")):
-      os.remove(os.path.join(out_dir, name))
+      paths.remove(paths.join(out_dir, name))
 
 
 def _flatten(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -319,7 +318,7 @@ def _flatten(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: str, data: dict) -> None:
-  with open(path, "w") as f:
+  with paths.open(path, "w") as f:
     json.dump(data, f, indent=2)
     f.write("\n")
 
@@ -333,11 +332,10 @@ def exported_model_config(directory: str) -> ml_collections.ConfigDict:
   baseline: no cross-attention, no positional conv, no router.
   """
   from visor_jax.convert import hf_config
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(directory, "config.json")
+  if not paths.exists(path):
     raise FileNotFoundError(f"{directory}: no config.json (not an exported directory).")
-  with open(path) as f:
-    hf = json.load(f)
+  hf = json.loads(paths.read_text(path))
   layout = dict(hf.pop("visor", None) or dict(ca_layers=[], sa_candidates=[], pos_conv=False))
   router = layout.pop("router", None)
   m = hf_config.from_hf_dict(hf)

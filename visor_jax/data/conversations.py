@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import PIL.Image
 
+from visor_jax import paths
 from visor_jax.config_lib import ModelConfig
 from visor_jax.data import inputs, preprocess
 from visor_jax.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
@@ -104,9 +105,9 @@ class JsonSource:
 
   def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike | None = None):
     self.path = os.fspath(path)
-    self.image_root = os.fspath(image_root) if image_root else os.path.dirname(self.path)
+    self.image_root = os.fspath(image_root) if image_root else paths.dirname(self.path)
     self._lock = threading.Lock()
-    self._fd = self._records = None
+    self._fd = self._file = self._records = None
     if self.path.endswith(".jsonl"):
       self._spans = self._index_lines()                   # int64[N, 2]: (offset, length)
     elif self.path.endswith(".json"):
@@ -117,7 +118,7 @@ class JsonSource:
 
   def _index_lines(self) -> np.ndarray:
     spans, offset = [], 0
-    with open(self.path, "rb") as f:
+    with paths.open(self.path, "rb") as f:
       for line in f:
         if line.strip():
           spans.append((offset, len(line)))
@@ -127,7 +128,7 @@ class JsonSource:
   def _load_json(self) -> list:
     with self._lock:
       if self._records is None:
-        with open(self.path, encoding="utf-8") as f:
+        with paths.open(self.path, encoding="utf-8") as f:
           data = json.load(f)
         if not isinstance(data, list):
           raise ValueError(f"{self.path}: expected a JSON list of records.")
@@ -141,16 +142,27 @@ class JsonSource:
     if self._spans is None:
       return self._load_json()[index]
     offset, length = (int(x) for x in self._spans[index])
-    if self._fd is None:
-      with self._lock:
-        self._fd = self._fd if self._fd is not None else os.open(self.path, os.O_RDONLY)
     try:
-      return json.loads(os.pread(self._fd, length, offset))
+      return json.loads(self._read_span(offset, length))
     except ValueError as e:
       return BadRecord("malformed", f"{self.path}: line at byte {offset} is not JSON ({e})")
 
+  def _read_span(self, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset`: `os.pread` on a local file; a seek and a ranged read on a
+    remote one (one open handle per process, under the lock)."""
+    if not paths.is_remote(self.path):
+      if self._fd is None:
+        with self._lock:
+          self._fd = self._fd if self._fd is not None else os.open(self.path, os.O_RDONLY)
+      return os.pread(self._fd, length, offset)
+    with self._lock:
+      if self._file is None:
+        self._file = paths.open(self.path, "rb")
+      self._file.seek(offset)
+      return self._file.read(length)
+
   def __getstate__(self):
-    state = dict(self.__dict__, _fd=None, _lock=None)
+    state = dict(self.__dict__, _fd=None, _file=None, _lock=None)
     if self._spans is None:
       state["_records"] = None
     return state
@@ -181,12 +193,20 @@ class ImageLoader:
   def __init__(self, image_root: str | os.PathLike | None = None):
     self.image_root = None if image_root is None else os.fspath(image_root)
     # The root's own real path: a root that is itself a symlink (/data -> /mnt/data) is fine.
-    self._real_root = None if image_root is None else os.path.realpath(self.image_root)
+    # A remote root (gs://) has no links: its normalised URL (`paths.confine` checks those).
+    self._real_root = None if image_root is None else (
+        paths.normalize(self.image_root) if paths.is_remote(self.image_root)
+        else os.path.realpath(self.image_root))
 
   def resolve(self, path: str) -> str:
     """The real path to open; raises `BadSample('unsafe_path')` if it is outside the root."""
     if self._real_root is None:
       return path
+    if paths.is_remote(self._real_root):
+      try:
+        return paths.confine(self._real_root, path)
+      except paths.Unconfined as e:
+        raise BadSample("unsafe_path", f"image path {path!r}: {e}") from None
     if os.path.isabs(path):
       raise BadSample("unsafe_path", f"absolute image path {path!r} (paths must be relative "
                       f"to the image root {self.image_root})")
@@ -208,10 +228,9 @@ class ImageLoader:
       return _decode(io.BytesIO(bytes(ref)), "<bytes>")
     if isinstance(ref, (str, os.PathLike)):
       path = self.resolve(os.fspath(ref))
-      if not os.path.isfile(path):
+      if not paths.isfile(path):
         raise BadSample("missing_image", f"image file not found: {path}")
-      with open(path, "rb") as f:
-        return _decode(io.BytesIO(f.read()), path)
+      return _decode(io.BytesIO(paths.read_bytes(path)), path)
     raise BadSample("malformed", f"unsupported image reference of type {type(ref).__name__}")
 
 

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import PIL.Image
 
+from visor_jax import paths
+
 BICUBIC = int(PIL.Image.Resampling.BICUBIC)
 
 # HF's default `image_grid_pinpoints`: every (h, w) with h, w in {384, 768, ..., 2304}, h-major.
@@ -88,11 +90,11 @@ class ImageProcessorSpec:
     `ProcessorMixin.save_pretrained` instead writes a single `processor_config.json` with the image
     processor nested under `"image_processor"`, so both are accepted (the first one found wins).
     """
-    pre = os.path.join(path, "preprocessor_config.json")
-    proc = os.path.join(path, "processor_config.json")
-    if os.path.isfile(pre):
+    pre = paths.join(path, "preprocessor_config.json")
+    proc = paths.join(path, "processor_config.json")
+    if paths.isfile(pre):
       source, cfg = pre, _read_json(pre)
-    elif os.path.isfile(proc):
+    elif paths.isfile(proc):
       source, cfg = proc, _read_json(proc).get("image_processor")
       if not isinstance(cfg, dict):
         raise ValueError(f"{proc}: no 'image_processor' entry (a dict) in it.")
@@ -144,7 +146,7 @@ class ImageProcessorSpec:
 
 
 def _read_json(path: str) -> dict:
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     try:
       data = json.load(f)
     except json.JSONDecodeError as e:

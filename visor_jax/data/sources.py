@@ -12,6 +12,7 @@ import os
 
 import ml_collections
 
+from visor_jax import paths
 from visor_jax.config_lib import ModelConfig
 from visor_jax.data import pages, pipeline, preprocess, synthetic
 from visor_jax.data.tokenizer import Tokenizer
@@ -19,9 +20,24 @@ from visor_jax.data.tokenizer import Tokenizer
 SOURCES = ("synthetic", "pages", "json")
 
 
+# Where the embedded datasets of a run whose workdir is a URL (gs://) are built: tfds writes
+# and reads them as array_record files, which (without TensorFlow) must be local. The builds
+# are deterministic and named by their parameters, so runs and hosts may share this cache.
+LOCAL_DATA_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "visor_jax", "embedded_data")
+
+
 def synthetic_dir(data: ml_collections.ConfigDict, workdir: str) -> str:
-  """`data.synthetic_dir`, else `<workdir>/synthetic_data`."""
-  return data.get("synthetic_dir") or os.path.join(workdir, "synthetic_data")
+  """`data.synthetic_dir` (local: the embedded datasets are array_record files, so a URL is
+  refused), else `LOCAL_DATA_CACHE` for a `gs://` workdir, else `<workdir>/synthetic_data`."""
+  if data.get("synthetic_dir"):
+    if paths.is_remote(data.synthetic_dir):
+      raise ValueError(f"config.data.synthetic_dir={data.synthetic_dir}: the embedded datasets "
+                       "are array_record files, which need a local directory (without "
+                       "TensorFlow); leave it unset to build them in " + LOCAL_DATA_CACHE)
+    return data.synthetic_dir
+  if paths.is_remote(workdir):
+    return LOCAL_DATA_CACHE
+  return os.path.join(workdir, "synthetic_data")
 
 
 def synthetic_params(data: ml_collections.ConfigDict) -> dict:
@@ -104,6 +120,8 @@ def check_paths(data: ml_collections.ConfigDict) -> None:
   """A JSON run's files exist, else an error naming the config field (checked before anything
   is built or compiled). Embedded sources build their own data: nothing to check."""
   if data.get("source") != "json":
+    if data.get("synthetic_dir"):
+      synthetic_dir(data, "")  # a URL is refused here, before anything is built
     return
   if not data.json_path:
     raise ValueError("config.data.json_path is not set: source='json' trains on a LLaVA-format "
@@ -111,7 +129,7 @@ def check_paths(data: ml_collections.ConfigDict) -> None:
   for field, isdir in (("json_path", False), ("eval_json_path", False),
                        ("eval_questions", False), ("image_root", True)):
     path = data.get(field)
-    if path and not (os.path.isdir if isdir else os.path.isfile)(path):
+    if path and not (paths.isdir if isdir else paths.isfile)(path):
       kind = "directory" if isdir else "file"
       raise FileNotFoundError(f"config.data.{field}={path}: no such {kind}.")
 

@@ -6,11 +6,12 @@ BPE with the same special tokens, for tests and the embedded synthetic default.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from visor_jax import paths
 
 IMAGE_TOKEN = "<image>"
 IM_START, IM_END, EOS = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -38,14 +39,13 @@ class Tokenizer:
 
   @classmethod
   def from_dir(cls, directory: str) -> "Tokenizer":
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.exists(path):
+    path = paths.join(directory, "tokenizer.json")
+    if not paths.exists(path):
       raise FileNotFoundError(f"{directory}: no tokenizer.json.")
     files = {}
     for name in TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(directory, name)):
-        with open(os.path.join(directory, name), encoding="utf-8") as f:
-          files[name] = f.read()
+      if paths.isfile(paths.join(directory, name)):
+        files[name] = paths.read_text(paths.join(directory, name))
     return cls.from_files(files)
 
   @classmethod
@@ -67,10 +67,9 @@ class Tokenizer:
 
   def save(self, directory: str) -> list[str]:
     """Writes every file of `files` (tokenizer.json at least); returns their names."""
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory)
     for name, text in self.files.items():
-      with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-        f.write(text)
+      paths.write_text(paths.join(directory, name), text)
     return sorted(self.files)
 
 

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from visor_jax import budgets as budgets_lib
+from visor_jax import paths
 from visor_jax.data.conversations import BadSample, ImageLoader
 from visor_jax.evaluation import metrics as eval_metrics
 
@@ -144,15 +145,16 @@ def load_questions(path: str | os.PathLike, image_root: str | os.PathLike | None
   `image_root` (default: the file's directory) and may not leave it (`unsafe_path`). Images
   are only read at answer time, so a large benchmark never sits decoded in memory."""
   path = os.fspath(path)
-  root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
-  default_dataset = os.path.splitext(os.path.basename(path))[0]
+  root = (os.fspath(image_root) if image_root is not None
+          else paths.dirname(paths.normalize(path)))
+  default_dataset = os.path.splitext(paths.basename(path))[0]
   skips = skips if skips is not None else Skips()
   items = []
-  with open(path, encoding="utf-8") as f:
+  with paths.open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
-      source = f"{os.path.basename(path)}:{lineno}"
+      source = f"{paths.basename(path)}:{lineno}"
       try:
         try:
           obj = json.loads(line)
@@ -318,8 +320,8 @@ def _finite(x: Any) -> Any:
 def write_json(obj: Any, path: str | os.PathLike) -> str:
   """Writes JSON (NaN as null: strict JSON readers choke on NaN), creating the folder."""
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  paths.makedirs(paths.dirname(paths.normalize(path)))
+  with paths.open(path, "w", encoding="utf-8") as f:
     json.dump(_finite(obj), f, indent=1)
   return path
 
@@ -375,8 +377,9 @@ def save_figure(fig, path: str | os.PathLike) -> str:
   import matplotlib.pyplot as plt
   fig.tight_layout()
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  paths.makedirs(paths.dirname(paths.normalize(path)))
+  with paths.open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
   return path
 
@@ -461,7 +464,7 @@ def run_suite(items: Sequence[Item], make_answer_fn: Callable, layer_sets: Seque
   for sa_layers in runs:  # one answer_fn at a time: a real one may hold device memory
     r = run_eval(items, make_answer_fn(sa_layers), sa_layers=sa_layers, skips=skips,
                  **run_kwargs)
-    write_json(r, os.path.join(out_dir, f"results_{budgets_lib.file_label(r['label'])}.json"))
+    write_json(r, paths.join(out_dir, f"results_{budgets_lib.file_label(r['label'])}.json"))
     results.append(r)
     log.info("eval %s: acc %.4f, LLM %.3g FLOPs, total %.3g FLOPs (%d scored)", r["label"],
              r["overall"]["accuracy"], r["overall"]["mean_llm_flops"],
@@ -469,8 +472,8 @@ def run_suite(items: Sequence[Item], make_answer_fn: Callable, layer_sets: Seque
   summary = {"runs": [{k: v for k, v in r.items() if k != "samples"} for r in results]}
   rows = rows_from_results(results, accuracy_key)
   if rows:
-    summary["feasible"] = write_feasible(os.path.join(out_dir, "feasible.json"), rows,
+    summary["feasible"] = write_feasible(paths.join(out_dir, "feasible.json"), rows,
                                          cost_key=cost_key)
-  write_json(summary, os.path.join(out_dir, "summary.json"))
-  plot_pareto(results, os.path.join(out_dir, "pareto.png"), x=x, accuracy_key=accuracy_key)
+  write_json(summary, paths.join(out_dir, "summary.json"))
+  plot_pareto(results, paths.join(out_dir, "pareto.png"), x=x, accuracy_key=accuracy_key)
   return summary

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Callable, Sequence
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import runs
+from visor_jax import paths, runs
 from visor_jax.data import sources
 from visor_jax.evaluation import harness
 from visor_jax.evaluation import metrics as eval_metrics
@@ -170,7 +169,7 @@ def evaluate_reductions(assistant: serving.Assistant, items: Sequence[harness.It
     r = harness.run_eval(items, answer_fn, label=reduction.label, sa_layers=layers,
                          batch_size=batch_size, skips=skips)
     r.update(kind="reduction", reduction={"method": reduction.method, "keep": reduction.keep})
-    harness.write_json(r, os.path.join(out_dir,
+    harness.write_json(r, paths.join(out_dir,
                                        f"results_{budgets_lib.file_label(r['label'])}.json"))
     results.append({k: v for k, v in r.items() if k != "samples"})
   return results
@@ -265,7 +264,7 @@ def evaluate(model: runs.Run | serving.Assistant, items: Sequence[harness.Item],
   if reductions:
     summary["runs"] += evaluate_reductions(assistant, items, out_dir, reductions, skips=skips,
                                            batch_size=batch_size, max_new_tokens=max_new_tokens)
-    harness.write_json(summary, os.path.join(out_dir, "summary.json"))
+    harness.write_json(summary, paths.join(out_dir, "summary.json"))
   print_fn(format_table(summary["runs"]))
   return summary
 
@@ -310,7 +309,7 @@ def run(model: str | serving.Assistant, out_dir: str, *, mode: str = "pareto",
                      reductions=reductions)
   if mode == "search" and "feasible" in summary:
     print_fn(format_frontier(summary["feasible"]))
-  print_fn(f"wrote {os.path.abspath(out_dir)}/{{results_*.json, summary.json, feasible.json, "
+  print_fn(f"wrote {paths.normalize(out_dir)}/{{results_*.json, summary.json, feasible.json, "
            f"pareto.png}}")
   return summary
 

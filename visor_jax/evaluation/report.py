@@ -21,6 +21,7 @@ import json
 import os
 from typing import Mapping, Sequence
 
+from visor_jax import paths
 from visor_jax.evaluation import harness
 from visor_jax.evaluation.metrics import wilson_interval
 
@@ -145,15 +146,13 @@ def plot(results: Mapping, path: str | os.PathLike) -> str:
 
 def write(results: Mapping, out_dir: str) -> dict[str, str]:
   """results.json, results.md, pareto.png under `out_dir` → their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {"json": harness.write_json(dict(results), os.path.join(out_dir, "results.json")),
-           "md": os.path.join(out_dir, "results.md"),
-           "plot": plot(results, os.path.join(out_dir, "pareto.png"))}
-  with open(paths["md"], "w") as f:
-    f.write(markdown(results))
-  return paths
+  paths.makedirs(out_dir)
+  written = {"json": harness.write_json(dict(results), paths.join(out_dir, "results.json")),
+             "md": paths.join(out_dir, "results.md"),
+             "plot": plot(results, paths.join(out_dir, "pareto.png"))}
+  paths.write_text(written["md"], markdown(results))
+  return written
 
 
 def read(out_dir: str) -> dict:
-  with open(os.path.join(out_dir, "results.json")) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(paths.join(out_dir, "results.json")))

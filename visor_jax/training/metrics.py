@@ -1,6 +1,6 @@
 """Metrics: `clu.metrics` for aggregation; TensorBoard event files (tensorboardX, no
-TensorFlow) and a JSONL log in the workdir; human progress lines. Only process 0 writes.
-A resumed run rewrites neither twice (`Writer`)."""
+TensorFlow) and a JSONL log in the workdir (local or `gs://`, through `paths`); human progress
+lines. Only process 0 writes. A resumed run rewrites neither twice (`Writer`)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,8 @@ import time
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
+
+from visor_jax import paths
 
 
 class Averages:
@@ -50,11 +52,18 @@ class Writer:
     self.enabled = jax.process_index() == 0
     self._tb = self._jsonl = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
-      kept = _drop_rows_after(path, start_step, redo)
-      tb_dir = os.path.join(workdir, "tensorboard")
-      attempt = sum("tfevents" in f for f in os.listdir(tb_dir)) if os.path.isdir(tb_dir) else 0
+      paths.makedirs(workdir)
+      path = paths.join(workdir, "metrics.jsonl")
+      tb_dir = paths.join(workdir, "tensorboard")
+      attempt = (sum("tfevents" in f for f in paths.listdir(tb_dir)) if paths.isdir(tb_dir)
+                 else 0)
+      if paths.is_remote(workdir):
+        self._jsonl = _RewrittenJsonl(path)
+        kept = self._jsonl.drop_rows_after(start_step, redo)
+        _register_object_store_events(workdir)
+      else:
+        kept = _drop_rows_after(path, start_step, redo)
+        self._jsonl = open(path, "a")
       from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
       # Event files are named by the second they open; the attempt number keeps two opened in
       # the same second apart, in order (TensorBoard reads them sorted by name).
@@ -63,7 +72,6 @@ class Writer:
       if attempt:
         for row in kept:
           self._add_tb(start_step, {k: v for k, v in row.items() if k != "step"})
-      self._jsonl = open(path, "a")
 
   def _add_tb(self, step: int, scalars: dict) -> None:
     for k, v in scalars.items():
@@ -83,38 +91,130 @@ class Writer:
       self._jsonl.close()
 
 
+def _kept_lines(lines, step: int, redo: tuple[str, ...], at_step: list[dict]):
+  """metrics.jsonl's lines filtered for a resume at `step`, as (line, changed) pairs: line is
+  None for a dropped row (after `step`, cut short, or only `redo` scalars), else the kept line
+  (step `step`'s without its `redo` scalars) ending in a newline; `changed`: the file must be
+  rewritten for it. Step `step`'s kept rows are appended to `at_step`."""
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+      yield None, True
+      continue
+    if row["step"] > step:
+      yield None, True
+      continue
+    changed = False
+    if row["step"] == step:
+      trimmed = {k: v for k, v in row.items() if not k.startswith(redo)} if redo else row
+      if trimmed != row:
+        changed, line = True, json.dumps(trimmed) + "\n"
+      if len(trimmed) == 1:  # nothing but "step" left
+        yield None, changed
+        continue
+      at_step.append(trimmed)
+    if not line.endswith("\n"):  # the last line, cut short after its JSON
+      changed, line = True, line + "\n"
+    yield line, changed
+
+
 def _drop_rows_after(path: str, step: int, redo: tuple[str, ...]) -> list[dict]:
-  """Rewrites metrics.jsonl without its rows after `step` and without step `step`'s `redo`
-  scalars; returns the rows kept at `step`. Streamed to a temporary file that replaces the old
-  one only when something was dropped: a kill mid-way leaves the old file, never half of it."""
+  """Rewrites a local metrics.jsonl without its rows after `step` and without step `step`'s
+  `redo` scalars; returns the rows kept at `step`. Streamed to a temporary file that replaces
+  the old one only when something was dropped: a kill mid-way leaves the old file, never half
+  of it."""
   if not os.path.exists(path):
     return []
   tmp, at_step, changed = path + ".tmp", [], False
   with open(path) as src, open(tmp, "w") as dst:
-    for line in src:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:  # a line cut short by a kill
-        changed = True
-        continue
-      if row["step"] > step:
-        changed = True
-        continue
-      if row["step"] == step:
-        trimmed = {k: v for k, v in row.items() if not k.startswith(redo)} if redo else row
-        if trimmed != row:
-          changed, line = True, json.dumps(trimmed) + "\n"
-        if len(trimmed) == 1:  # nothing but "step" left
-          continue
-        at_step.append(trimmed)
-      if not line.endswith("\n"):  # the last line, cut short after its JSON
-        changed, line = True, line + "\n"
-      dst.write(line)
+    for line, line_changed in _kept_lines(src, step, redo, at_step):
+      changed |= line_changed
+      if line is not None:
+        dst.write(line)
   if changed:
     os.replace(tmp, path)
   else:
     os.remove(tmp)
   return at_step
+
+
+class _RewrittenJsonl:
+  """metrics.jsonl on an object store, which cannot append: every line is kept in memory and
+  the object is rewritten whole (one atomic upload) at most every `every_s` seconds and on
+  close. A killed run loses at most its last `every_s` seconds of rows."""
+
+  def __init__(self, path: str, every_s: float = 30.0):
+    self.path, self.every_s = path, every_s
+    self._lines: list[str] = []
+    self._last = time.monotonic()
+    self._dirty = False
+
+  def drop_rows_after(self, step: int, redo: tuple[str, ...]) -> list[dict]:
+    """Reads the object's rows kept at a resume from `step` (see `_drop_rows_after`)."""
+    at_step = []
+    if paths.exists(self.path):
+      text = paths.read_text(self.path)
+      for line, changed in _kept_lines(text.splitlines(keepends=True), step, redo, at_step):
+        self._dirty |= changed
+        if line is not None:
+          self._lines.append(line)
+    if self._dirty:
+      self._upload()
+    return at_step
+
+  def write(self, line: str) -> None:
+    self._lines.append(line)
+    self._dirty = True
+
+  def flush(self) -> None:
+    if self._dirty and time.monotonic() - self._last >= self.every_s:
+      self._upload()
+
+  def _upload(self) -> None:
+    paths.atomic_write(self.path, "".join(self._lines))
+    self._last, self._dirty = time.monotonic(), False
+
+  def close(self) -> None:
+    if self._dirty:
+      self._upload()
+
+
+class _ObjectEventFile:
+  """A TensorBoard event file on an object store, written through `paths` (tensorboardX's
+  own gs:// writer talks to google-cloud-storage directly, with its own credentials): the
+  events are buffered and the object rewritten whole on each flush (every 120 s, and on
+  close: tensorboardX's flush cadence)."""
+
+  def __init__(self, path: str):
+    self.path, self._buffer, self._flushed = path, bytearray(), -1
+
+  def write(self, data: bytes) -> None:
+    self._buffer += data
+
+  def flush(self) -> None:
+    if len(self._buffer) != self._flushed:
+      paths.atomic_write(self.path, bytes(self._buffer))
+      self._flushed = len(self._buffer)
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectEventFiles:
+  """tensorboardX's writer factory interface (`open`, `directory_check`)."""
+
+  def open(self, path: str) -> _ObjectEventFile:
+    return _ObjectEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    paths.makedirs(path)
+
+
+def _register_object_store_events(workdir: str) -> None:
+  """Routes tensorboardX's event files for `workdir`'s scheme (e.g. 'gs') through `paths`."""
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory(workdir.split("://", 1)[0], _ObjectEventFiles())
 
 
 def _jsonable(v):

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from typing import Callable
 
 import jax
@@ -33,7 +31,7 @@ import optax
 from flax import nnx, traverse_util
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import checkpoints, config_lib, runs
+from visor_jax import checkpoints, config_lib, paths, runs
 from visor_jax.data import pipeline, sources
 from visor_jax.models.llava_onevision import INPUT_KEYS, LlavaOnevision
 from visor_jax.models.router import Router
@@ -115,7 +113,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Builds pseudo-labels, trains the router, writes a run with the router; returns stats."""
   r = config.router_train
   runs.check_source("router_train.from_workdir", r.from_workdir)  # before anything compiles
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
 
   # ---------------------------------------------------------------- the frozen universal run
   universal = runs.load_run(r.from_workdir)
@@ -182,14 +180,15 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_config.model = model_dict
   out_config.init_from = r.from_workdir
   data_dir = sources.synthetic_dir(run.data, universal.workdir)
+  # Evaluation finds the data beside the run (a gs:// run finds it in the local data cache).
   if run.data.source in sources.EMBEDDED and not run.data.synthetic_dir and \
-      not os.path.exists(os.path.join(workdir, "synthetic_data")):
-    shutil.copytree(data_dir, os.path.join(workdir, "synthetic_data"))  # evaluation finds it
+      not paths.is_remote(workdir) and not paths.exists(paths.join(workdir, "synthetic_data")):
+    paths.copytree(data_dir, paths.join(workdir, "synthetic_data"))
   ckpt = checkpoints.Checkpointer(workdir, save_every=1, keep=1, async_save=False)
   ckpt.save(0, {"params": out_params, "opt_state": {}, "step": np.int32(0)}, None, out_config,
             model_dict, universal.tokenizer.files,
             image_processor=universal.image_spec.to_hf_dict(), force=True)
   ckpt.close()
-  with open(os.path.join(workdir, "router_stats.json"), "w") as f:
+  with paths.open(paths.join(workdir, "router_stats.json"), "w") as f:
     json.dump({**stats, "feasible": [list(s) for s in cfg.router.feasible]}, f, indent=2)
   return stats

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import checkpoints, config_lib, runs, sharding
+from visor_jax import checkpoints, config_lib, paths, runs, sharding
 from visor_jax.data import pipeline, sources
 from visor_jax.evaluation import main as eval_main
 from visor_jax.models.llava_onevision import LlavaOnevision
@@ -124,7 +124,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
   # Every path the config names is checked before anything builds or compiles.
   runs.check_experiment_paths(config)
   maybe_initialize_distributed(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -296,7 +296,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
     run = runs.in_memory(config, model_dict, tokenizer, state["params"], workdir,
                          int(state["step"]), image_spec)
     summary = eval_main.evaluate(
-        run, items, os.path.join(workdir, "eval"), layer_sets=eval_sets, skips=skips,
+        run, items, paths.join(workdir, "eval"), layer_sets=eval_sets, skips=skips,
         batch_size=config.data.batch_size, max_new_tokens=config.eval_max_new_tokens,
         print_fn=print if jax.process_index() == 0 else lambda *_: None)
     writer.write(int(state["step"]), eval_main.scalars(summary))
