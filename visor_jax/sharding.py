@@ -105,8 +105,13 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh,
   """This host's batch → global arrays, batch axis split over (data, fsdp). `host_fields`
   (e.g. `pipeline.HOST_FIELDS`: per-host statistics and labels, not model inputs) are
   dropped."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
-          for k, v in local_batch.items() if k not in host_fields}
+  return {k: global_rows(v, mesh) for k, v in local_batch.items() if k not in host_fields}
+
+
+def global_rows(local: np.ndarray, mesh: Mesh) -> jax.Array:
+  """This host's rows → the global array whose batch (leading) axis spans every host's rows,
+  in process order, split over (data, fsdp). One process: `local` itself, placed."""
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(local)), local)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from visor_jax import budgets
+from visor_jax import budgets, distributed
 from visor_jax.models.llava_onevision import LlavaOnevision
 from visor_jax.models.nn import Mask
 from visor_jax.models.router import last_prompt_index
@@ -206,7 +206,10 @@ class Generator:
     else:
       vis = self._visual(self.state, inputs)
     budgets.check_mask(self.cfg, budget, b)
-    budget, vis = np.asarray(budget, bool), np.asarray(vis)
+    # With several processes (the trainer's end-of-run evaluation of FSDP-sharded weights)
+    # outputs may span every host's devices: each host reads the whole value.
+    budget = np.asarray(distributed.fetchable(budget), bool)
+    vis = np.asarray(distributed.fetchable(vis))
     out = Generation(np.full((b, max_new_tokens), -1, np.int32), np.zeros(b, np.int32),
                      budget, np.zeros(b, np.int64))
     key = jax.random.key(seed)
@@ -239,7 +242,7 @@ class Generator:
     stop = np.asarray(list(stop_ids), np.int32)
     for step in range(max_new):
       key, sub = jax.random.split(key)
-      token = np.asarray(sample_token(logits, sub, temperature, top_p))
+      token = np.asarray(sample_token(distributed.fetchable(logits), sub, temperature, top_p))
       live = ~done[:n]
       out.tokens[idx[live], step] = token[:n][live]
       out.num_tokens[idx[live]] += 1

@@ -21,7 +21,13 @@ GROUPS_ALL = [(r"vision\..*", "vision"), (NEW_PARTS, "new"), (r".*", "llm")]
 def default(model: str = "small") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.distributed = False             # True on multi-host slices: jax.distributed.initialize()
+  # Multi-host (visor_jax/distributed.py): distributed=True auto-detects a TPU pod slice or a
+  # SLURM job; or name the coordinator "host:port", the process count and this process's id
+  # (else $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID). Unset: one process.
+  c.distributed = False
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
   c.model = model_configs.get(model)
   # Where weights start when the run has no checkpoint of its own: '' (scratch), a
   # transformers LLaVA-OV directory, or another run's workdir / Orbax checkpoint.

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import sharding
+from visor_jax import distributed, sharding
 from visor_jax.data import pipeline
 from visor_jax.models import token_reduction as tr
 from visor_jax.models.llava_onevision import INPUT_KEYS
@@ -134,17 +134,19 @@ def teacher_forced_eval(eval_step: Callable, params, batches: list[dict],
   for layers in layer_sets:
     exact, groups, losses = [], [], []
     for batch in batches:
-      mask = budgets_lib.mask(cfg, layers, batch["tokens"].shape[0])
-      out = jax.device_get(eval_step(params, sharding.to_global(batch, mesh,
-                                                                pipeline.HOST_FIELDS), mask))
-      has = np.asarray(out["has_target"])
-      exact.append(np.asarray(out["tf_exact"])[has])
+      mask = sharding.global_rows(budgets_lib.mask(cfg, layers, batch["tokens"].shape[0]), mesh)
+      out = eval_step(params, sharding.to_global(batch, mesh, pipeline.HOST_FIELDS), mask)
+      # This host's rows (with several processes the batch axis spans hosts); the rows of
+      # all hosts are gathered below, each counted once.
+      has = distributed.local_rows(out["has_target"]).astype(bool)
+      exact.extend(distributed.local_rows(out["tf_exact"])[has].tolist())
       group = batch.get("group")
-      groups.append(np.asarray(group, object)[has] if group is not None
-                    else np.full(int(has.sum()), None, object))
-      losses.append(float(out["loss"]))
-    exact = np.concatenate(exact) if exact else np.zeros(0, bool)
-    groups = np.concatenate(groups) if groups else np.zeros(0, object)
+      groups.extend(np.asarray(group, object)[has].tolist() if group is not None
+                    else [None] * int(has.sum()))
+      losses.append(float(jax.device_get(out["loss"])))
+    gathered = distributed.allgather_json([exact, groups])
+    exact = np.array([e for host in gathered for e in host[0]], bool)
+    groups = np.array([g for host in gathered for g in host[1]], object)
     r = {"tf_exact": float(exact.mean()) if len(exact) else float("nan"),
          "loss": float(np.mean(losses)) if losses else float("nan"), "n": int(len(exact))}
     for g in sorted({g for g in groups if g}):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 
 import jax
@@ -23,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from visor_jax import budgets as budgets_lib
-from visor_jax import checkpoints, config_lib, paths, runs, sharding
-from visor_jax.data import pipeline, sources
+from visor_jax import checkpoints, config_lib, distributed, paths, runs, sharding
+from visor_jax.data import elastic, pipeline, sources
 from visor_jax.evaluation import main as eval_main
 from visor_jax.models.llava_onevision import LlavaOnevision
 from visor_jax.models import token_reduction as tr
@@ -67,15 +66,6 @@ def _eval_scalars(results: dict) -> dict:
   """TensorBoard-safe names: 'SA{1,4}' → 'eval/SA_1_4/tf_exact'."""
   return {f"eval/{budgets_lib.file_label(label)}/{k}": v for label, r in results.items()
           for k, v in r.items() if isinstance(v, (int, float))}
-
-
-def maybe_initialize_distributed(config) -> None:
-  """Multi-host: `jax.distributed.initialize()` (which auto-detects TPU pod slices and
-  SLURM/multi-process GPU) when `config.distributed` is set or a coordinator address is in the
-  environment; a no-op on one machine."""
-  if (config.get("distributed") or os.environ.get("JAX_COORDINATOR_ADDRESS")) and \
-      not jax.distributed.is_initialized():
-    jax.distributed.initialize()
 
 
 @dataclasses.dataclass
@@ -123,7 +113,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
            ) -> TrainResult:
   # Every path the config names is checked before anything builds or compiles.
   runs.check_experiment_paths(config)
-  maybe_initialize_distributed(config)
+  distributed.initialize(config)
   paths.makedirs(workdir)
 
   # ---------------------------------------------------------------- mesh
@@ -145,8 +135,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
   layer_sets = budgets_lib.resolve(config.budgets, cfg, "budgets", allow_all=True)
   eval_sets = (budgets_lib.resolve(config.eval_budgets, cfg, "eval_budgets", allow_all=True)
                if config.eval_budgets else layer_sets)
+  # The embedded datasets are built once, by process 0, in the shared workdir.
+  distributed.primary_first(lambda: [sources.source_for(config.data, split, workdir)
+                                     for split in ("train", "validation")], "data_built")
   train_iter = sources.train_iterator(config, cfg, tokenizer, workdir, image_spec)
   eval_batches = sources.eval_batches(config, cfg, tokenizer, workdir, image_spec=image_spec)
+  # Hosts read their own shard of the validation split and may hold a batch more or less:
+  # each eval step is collective, so all take the count the shortest host has.
+  eval_batches = eval_batches[:min(distributed.allgather_json(len(eval_batches)))]
   if config.eval_batches and not eval_batches:
     log.warning("no teacher-forced eval (eval/<budget>/tf_exact, loss): %s.",
                 _no_teacher_forced_reason(config))
@@ -191,8 +187,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
   abstract_sharded = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(ckpt.latest_step(), abstract_sharded, train_iter)
-    metrics.log("resumed from own checkpoint at step %d", int(state["step"]))
+    step = ckpt.latest_step()
+    # Each process's data position; remapped when the checkpoint was written by another
+    # number of processes (data/elastic.py).
+    saved = elastic.saved_states(ckpt.directory, step)
+    same_count = len(saved) in (0, jax.process_count())
+    state = ckpt.restore(step, abstract_sharded, train_iter if same_count else None)
+    if not same_count:
+      train_iter.set_state(elastic.remap(saved, jax.process_index(), jax.process_count()))
+    metrics.log("resumed from own checkpoint at step %d%s", int(state["step"]), "" if
+                same_count else f" (written by {len(saved)} process(es), resumed by "
+                f"{jax.process_count()}: data position remapped)")
   else:
     state = init_state(runs.initial_params(config, cfg, param_sh))
   first_step = int(state["step"])
@@ -213,9 +218,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
     writer.write(int(state["step"]), _eval_scalars(results))
     return results
 
-  def budget_for(step: int, batch_size: int) -> tuple[np.ndarray, int]:
+  def budget_for(step: int, batch_size: int) -> tuple[jax.Array, int]:
     i = budgets_lib.sample(layer_sets, config.budget_weights, config.seed, step)
-    return budgets_lib.mask(cfg, layer_sets[i], batch_size), i
+    return sharding.global_rows(budgets_lib.mask(cfg, layer_sets[i], batch_size), mesh), i
 
   # ---------------------------------------------------------------- loop
   preempted.arm()  # from here a SIGTERM checkpoints the step in flight
