@@ -6,7 +6,8 @@
   3  inference/     generation, serving
   2  runs           load_run: one way to load any run
   1  components     models/, data/, convert/, flops
-  0  foundation     config_lib, model_configs, budgets, sharding, checkpoints
+  0  foundation     config_lib, model_configs, budgets, sharding, checkpoints, paths,
+                    distributed
 
 A module may import its own layer and the ones below, never above (function-level imports
 included), so a newcomer can read the tree bottom-up and training never leaks into serving.
@@ -19,6 +20,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "visor_jax"
 LAYERS = {
     "config_lib": 0, "model_configs": 0, "budgets": 0, "sharding": 0, "checkpoints": 0,
+    "paths": 0, "distributed": 0,
     "models": 1, "data": 1, "convert": 1, "flops": 1,
     "runs": 2, "inference": 3, "evaluation": 4, "training": 5,
     "main": 6, "export": 6, "benchmarks": 6, "reproduce": 6,
