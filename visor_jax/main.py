@@ -36,9 +36,13 @@ def define_flags(fv, argv=None) -> None:
 
 
 def run(config, workdir: str):
-  """What the config names: router training (configs/router.py) or training; returns its
-  result (`router_train.main`'s stats, `train.main`'s result)."""
+  """What the config names: a dry run (`dry_run=True`), router training (configs/router.py)
+  or training; returns its result (`dry_run.main`'s plan, `router_train.main`'s stats,
+  `train.main`'s result)."""
   # Imported after flag parsing: grain workers re-import these modules.
+  if config.get("dry_run"):  # plan before paying: compile, report, exit (docs/dry_run.md)
+    from visor_jax.training import dry_run
+    return dry_run.main(config)
   if "router_train" in config:  # configs/router.py
     from visor_jax.training import router_train
     return router_train.main(config, workdir)

@@ -43,7 +43,8 @@ class LlavaOnevision(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     d, v = cfg.text.hidden_size, cfg.text.vocab_size
     self.cfg, self.dtype = cfg, dtype
-    self.vision = SiglipVisionTower(cfg.vision, **kw, attention_impl=cfg.attention_impl)
+    self.vision = SiglipVisionTower(cfg.vision, **kw, attention_impl=cfg.attention_impl,
+                                    remat=cfg.remat)
     d_feat = cfg.vision.hidden_size * len(cfg.feature_layers)
     self.projector_1 = Dense(d_feat, d, ("vision_embed", "embed"), bias=cfg.projector_bias, **kw)
     self.projector_2 = Dense(d, d, ("embed", "embed_out"), bias=cfg.projector_bias, **kw)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from visor_jax import sharding
 from visor_jax.config_lib import VisionConfig
 from visor_jax.models.nn import Dense, LayerNorm, attention
 
@@ -46,9 +47,9 @@ class SiglipLayer(nnx.Module):
 
 class SiglipVisionTower(nnx.Module):
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, attention_impl: str | None = None):
+               param_dtype=jnp.float32, attention_impl: str | None = None, remat: bool = False):
     p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
-    self.cfg, self.dtype = cfg, dtype
+    self.cfg, self.dtype, self.remat = cfg, dtype, remat
     self.patch_embed = Dense(p * p * c, d, ("patch", "vision_embed"), bias=True, rngs=rngs,
                              dtype=dtype, param_dtype=param_dtype)
     self.pos_embed = nnx.Param(
@@ -93,9 +94,11 @@ class SiglipVisionTower(nnx.Module):
     state = jax.tree.map(lambda a: a[:depth], state)
 
     def body(h, layer_state):
-      h = nnx.merge(graphdef, layer_state)(h)
+      h = sharding.constrain_batch(nnx.merge(graphdef, layer_state)(sharding.constrain_batch(h)))
       return h, h if len(wanted) > 1 else None
 
+    if self.remat:  # keep only each layer's input for the backward pass (model.remat)
+      body = jax.checkpoint(body)
     out, per_layer = jax.lax.scan(body, x, state)
     if len(wanted) == 1:
       return x if depth == 0 else out

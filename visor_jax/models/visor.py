@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from visor_jax import sharding
 from visor_jax.config_lib import ModelConfig, TextConfig
 from visor_jax.models.nn import Mask, RMSNorm, attention
 from visor_jax.models.qwen2 import Qwen2Attention, Qwen2Layer
@@ -211,7 +212,7 @@ class VisorDecoder(nnx.Module):
       return x[:, -n_text:], x[:, :-n_text]
 
     def body(carry, xs):
-      t, v = carry
+      t, v = (sharding.constrain_batch(a) for a in carry)  # batch-split, not width-split
       layer_state_l, bits, l_is_ca, l_ca_slot = xs
       layer = nnx.merge(layer_def, layer_state_l)
 
@@ -231,7 +232,8 @@ class VisorDecoder(nnx.Module):
       if static:
         return branches[1 if bits.all() else 2 if bits.any() else 0](t, v), None
       mode = jnp.where(jnp.all(bits), 1, jnp.where(jnp.any(bits), 2, 0))
-      return jax.lax.switch(mode, branches, t, v), None
+      t, v = jax.lax.switch(mode, branches, t, v)
+      return (sharding.constrain_batch(t), sharding.constrain_batch(v)), None
 
     if cfg.remat:
       body = jax.checkpoint(body)

@@ -105,6 +105,12 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
 
   c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)  # -1: the remaining devices
   c.sharding_rules = DEFAULT_RULES
+  # Plan before paying (training/dry_run.py, docs/dry_run.md): compile the train step with
+  # abstract weights for this mesh and the largest batch, print per-device memory, FLOPs,
+  # shardings and the step time, and exit: no data, no checkpoint, nothing written.
+  c.dry_run = False
+  c.dry_run_peak_tflops = 197.0     # peak FLOP/s per device, in TFLOP/s (TPU v5e, bf16)
+  c.dry_run_mfu = 0.4               # assumed model FLOPs utilisation for the step-time estimate
   return c
 
 

@@ -12,6 +12,7 @@ training metrics (`eval/<budget>/tf_exact`, `eval/<budget>/loss`), every `eval_e
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -80,7 +81,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains, checkpoints, evaluates; prints and returns the eval table's results."""
   preempted = _Preempted()  # first: a preemption may come during the data build or compiles
   try:
-    return _train(config, workdir, preempted)
+    with contextlib.ExitStack() as scope:  # holds the mesh context, restored on the way out
+      return _train(config, workdir, preempted, scope)
   except _StartupPreempted:
     metrics.log("preempted during startup (SIGTERM before the first step): no step ran, "
                 "nothing to checkpoint; exiting")
@@ -93,6 +95,47 @@ def _no_teacher_forced_reason(config) -> str:
   if config.data.source == "json" and not config.data.eval_json_path:
     return f"data.eval_json_path is not set for this source={config.data.source!r} run"
   return "the validation split gave no batch"
+
+
+def state_shardings(abstract_state: dict, param_sh: dict, mesh) -> dict:
+  """The train state's shardings: params as `param_sh`; every optimizer-state leaf that mirrors
+  a parameter (AdamW's mu and nu: the trailing dict keys of its path are that parameter's
+  path, and the shapes agree) as that parameter; the rest (counts, the step) replicated.
+  Not read off a compiled init: `zeros_like` has no data dependence on the parameter, so
+  sharding propagation left the moments replicated (P()) on every device."""
+  by_path = {tuple(k.key for k in path): s for path, s in
+             jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  shapes = {tuple(k.key for k in path): x.shape for path, x in
+            jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0]}
+
+  def like_param(path, x):
+    keys = []
+    for k in reversed(path):  # the trailing run of dict keys: a parameter's path, if any
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    keys = tuple(keys)
+    if keys in by_path and shapes[keys] == x.shape:
+      return by_path[keys]
+    return sharding.replicated(mesh)
+
+  return {**jax.tree_util.tree_map_with_path(like_param, abstract_state),
+          "params": param_sh}
+
+
+def visor_tr_reduction(config) -> tr.Reduction | None:
+  """VISOR-TR (the paper's variant): visual tokens pooled 1/keep-fold before VISOR's layers."""
+  keep = config.get("visor_tr_keep", 1.0)
+  return tr.Reduction("visor_tr", keep) if keep != 1.0 else None
+
+
+def jit_train_step(config, graphdef, tx, labels, reduction, state_sh, budget_sh, mesh):
+  """The jitted update step (training/steps.py) with the train state's shardings, donated; the
+  trainer and the dry run (training/dry_run.py) compile this one."""
+  return jax.jit(steps.make_train_step(graphdef, tx, labels, config.grad_accum, reduction),
+                 in_shardings=(state_sh, None, budget_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
 
 
 def _lr_schedules(o, labels: dict[str, str], num_steps: int) -> dict[str, np.ndarray]:
@@ -109,8 +152,8 @@ def _lr_schedules(o, labels: dict[str, str], num_steps: int) -> dict[str, np.nda
   return {f"lr/{g}": by_mult[mult[g]] for g in groups}
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempted
-           ) -> TrainResult:
+def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempted,
+           scope: contextlib.ExitStack) -> TrainResult:
   # Every path the config names is checked before anything builds or compiles.
   runs.check_experiment_paths(config)
   distributed.initialize(config)
@@ -118,6 +161,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
 
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
+  # The models' activation constraints (sharding.constrain_batch) read this mesh when traced.
+  scope.enter_context(sharding.activation_mesh(mesh))
   metrics.log("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
               jax.process_count())
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -162,22 +207,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
   # ---------------------------------------------------------------- sharding
   param_sh = sharding.param_shardings(abstract_model, mesh, config.sharding_rules)
   abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx, labels), abstract_params)
-  # The optimizer state's shardings follow the params' through propagation: read them off
-  # the compiled (never run) init instead of re-deriving optax's state layout by hand.
-  init_state = jax.jit(lambda p: steps.init_state(p, tx, labels), in_shardings=(param_sh,)
-                       ).lower(abstract_params).compile()
-  state_sh = init_state.output_shardings
-  state_sh["params"] = param_sh
+  state_sh = state_shardings(abstract_state, param_sh, mesh)
+  init_state = jax.jit(lambda p: steps.init_state(p, tx, labels), in_shardings=(param_sh,),
+                       out_shardings=state_sh).lower(abstract_params).compile()
   budget_sh = sharding.batch_sharding(mesh, 2)
 
   # ---------------------------------------------------------------- update step
-  # VISOR-TR (the paper's variant): visual tokens pooled 1/keep-fold before VISOR's layers.
-  reduction = (tr.Reduction("visor_tr", config.visor_tr_keep)
-               if config.get("visor_tr_keep", 1.0) != 1.0 else None)
-  train_step = jax.jit(steps.make_train_step(graphdef, tx, labels, config.grad_accum, reduction),
-                       in_shardings=(state_sh, None, budget_sh),
-                       out_shardings=(state_sh, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
+  reduction = visor_tr_reduction(config)
+  train_step = jit_train_step(config, graphdef, tx, labels, reduction, state_sh, budget_sh, mesh)
   eval_step = jax.jit(steps.make_eval_step(graphdef, reduction),
                       in_shardings=(param_sh, None, budget_sh))
 
