@@ -33,3 +33,27 @@ def xla_check_config():
                      num_heads=4, num_kv_heads=2, head_dim=64))
   m.image_grid_pinpoints = model_configs.pinpoints(224, 3)
   return config_lib.model_config(m), dict(num_crops=3, num_visual=400, num_text=32)
+
+
+def tiny_models_and_samples(impls: tuple[str, ...]):
+  """The tiny model once per attention implementation, same weights (CA and pos-conv
+  perturbed so they matter), and three samples of different shapes → (cfg, {impl: model},
+  samples)."""
+  import hf_fixtures
+  from flax import nnx
+  from visor_jax import config_lib, model_configs
+  from visor_jax.data import inputs as inputs_lib
+  from visor_jax.models.llava_onevision import LlavaOnevision
+  tok = hf_fixtures.tiny_tokenizer()
+  models = {}
+  for impl in impls:
+    m = model_configs.tiny()
+    m.attention_impl = impl
+    models[impl] = LlavaOnevision(config_lib.model_config(m), rngs=nnx.Rngs(4))
+    perturb_new_parts(models[impl])
+  cfg = models[impls[0]].cfg
+  samples = [inputs_lib.build_sample(prompt_ids(tok, p), [hf_fixtures.random_image(*hw, seed=i)],
+                                     cfg)
+             for i, (p, hw) in enumerate([("What colour?", (40, 70)), ("Read the code.", (84, 84)),
+                                          ("How many shapes?", (20, 60))])]
+  return cfg, models, samples

@@ -6,14 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import hf_fixtures
-from model_fixtures import perturb_new_parts, prompt_ids
+from model_fixtures import tiny_models_and_samples
 from visor_jax import budgets, config_lib, model_configs
 from visor_jax.data import inputs as inputs_lib
 from visor_jax.inference.generate import Generator, _layer_tables
 from visor_jax.models import blockwise_attention as bw
 from visor_jax.models import token_reduction as tr
-from visor_jax.models.llava_onevision import LlavaOnevision
 from visor_jax.models.nn import Mask, attention
 
 ATOL = 1e-5
@@ -202,22 +200,9 @@ def test_unknown_implementation_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def tiny_pair():
-  """The tiny model twice, same weights (CA and pos-conv perturbed so they matter): reference
-  attention, and blockwise (with `small_blocks`: 8-token blocks, so the short test sequences
-  span many blocks)."""
-  tok = hf_fixtures.tiny_tokenizer()
-  models = {}
-  for impl in ("xla", "blockwise"):
-    m = model_configs.tiny()
-    m.attention_impl = impl
-    models[impl] = LlavaOnevision(config_lib.model_config(m), rngs=nnx.Rngs(4))
-    perturb_new_parts(models[impl])
-  cfg = models["xla"].cfg
-  samples = [inputs_lib.build_sample(prompt_ids(tok, p), [hf_fixtures.random_image(*hw, seed=i)],
-                                     cfg)
-             for i, (p, hw) in enumerate([("What colour?", (40, 70)), ("Read the code.", (84, 84)),
-                                          ("How many shapes?", (20, 60))])]
-  return cfg, models, samples
+  """The tiny model twice, same weights: reference attention, and blockwise (with
+  `small_blocks`: 8-token blocks, so the short test sequences span many blocks)."""
+  return tiny_models_and_samples(("xla", "blockwise"))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ CA_GATES = ("zero_out", "tanh")
 CA_INITS = ("copy_self_attn", "random")
 DTYPES = ("float32", "bfloat16", "float16")
 # model.attention_impl (None = 'xla'): see `visor_jax.models.nn.attention`.
-ATTENTION_IMPLS = ("xla", "cudnn", "blockwise")
+ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +110,11 @@ class ModelConfig:
   dtype: str = "float32"          # compute dtype (activations, matmuls)
   param_dtype: str = "float32"    # storage dtype of parameters
   # None/'xla': jax.nn.dot_product_attention's XLA path; 'cudnn': its fused GPU kernel;
-  # 'blockwise': flash-style plain JAX, no [T, T] array (models/blockwise_attention.py).
+  # 'blockwise': flash-style plain JAX, no [T, T] array (models/blockwise_attention.py);
+  # 'splash': the Pallas TPU kernel for self-attention, blockwise for the rest
+  # (models/splash_attention.py; interpret mode off TPU).
   attention_impl: str | None = None
-  remat: bool = False             # rematerialise each LLM layer in the backward pass
+  remat: bool = False             # rematerialise each LLM and SigLIP layer in the backward pass
 
   @property
   def num_layers(self) -> int:
