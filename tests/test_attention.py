@@ -262,7 +262,7 @@ def test_tiny_model_decode_blockwise_equals_reference(tiny_pair, small_blocks):
       token = jnp.asarray([5 + i, 9 + i], jnp.int32)
       logits, cache = gen._decode(gen.state, token, jnp.asarray(last + 1 + i, jnp.int32),
                                   jnp.asarray(text_len + i), cache, x["vis_pos"],
-                                  x["vis_valid"], tables)
+                                  x["vis_valid"], tuple(bool(b) for b in row))
       steps.append(np.asarray(logits))
     out[impl] = np.stack(steps)
   np.testing.assert_allclose(out["blockwise"], out["xla"], atol=ATOL, rtol=0)

@@ -84,9 +84,8 @@ def main(_):
       t0 = time.perf_counter()
       out = gen.generate(batch, budget=row, max_new_tokens=1)
       prefill_s.append(time.perf_counter() - t0)
-      t0 = time.perf_counter()
-      gen.generate(batch, budget=row, max_new_tokens=FLAGS.new_tokens)
-      decode_s.append((time.perf_counter() - t0 - prefill_s[-1]) / (FLAGS.new_tokens - 1))
+      full = gen.generate(batch, budget=row, max_new_tokens=FLAGS.new_tokens)
+      decode_s.append(full.decode_seconds[0] / full.decode_steps[0])  # the decode loop alone
     prefill_s, decode_s = min(prefill_s), min(decode_s)
     layers = np.flatnonzero(row[0]).tolist()
     f = flops.forward_flops(cfg, num_crops=n_crops, num_visual=n_vis, num_text=n_text,

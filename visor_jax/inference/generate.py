@@ -1,20 +1,23 @@
 """Budget-aware generation: prefill + decode with a KV cache that keeps VISOR's saving.
 
-The cache holds, per request group (one budget per group):
-  text_k/v  float[L, B, T_max, K, H]  every layer's text keys/values (prompt + generated)
-  vis_k/v   float[S, B, N, K, H]      visual keys/values only for the S layers that ran SA
-  ca_k/v    float[C, B, N, K, H]      visual keys/values of the C CA layers that run (bit
-                                      off), projected once per image
+The cache holds, per request group (one budget per group), one array per layer:
+  text_k/v  L x float[B, T_max, K, H]  every layer's text keys/values (prompt + generated)
+  vis_k/v   S x float[B, N, K, H]      visual keys/values only for the S layers that ran SA
+  ca_k/v    C x float[B, N, K, H]      visual keys/values of the C CA layers that run (bit
+                                       off), projected once per image
 
 Requests are grouped by budget (the router's choice or a fixed one), so a cheap sample never
-pays for an expensive neighbour: each group runs its own prefill/decode, compiled once per
-(batch shape, number of SA layers); which layers are SA stays data. The router runs on the
+pays for an expensive neighbour: each group runs its own prefill, compiled once per (batch
+shape, number of SA layers; which layers are SA stays data), and its own decode step, compiled
+once per (batch shape, budget): unrolled over the layers with per-layer weights, so a step
+reads each weight once and copies none. The router runs on the
 whole batch first (`LlavaOnevision.route`: vision tower + the layers before the first SA
 candidate), and the groups reuse its packed visual tokens, so the tower runs once.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Mapping, Sequence
 
 import jax
@@ -100,58 +103,81 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
         tables["sa_slot"])
   (t, _, vk, vv, ck, cv), (tk, tv) = jax.lax.scan(body, carry, xs)
   pad = ((0, 0), (0, 0), (0, max_len - tk.shape[2]), (0, 0), (0, 0))
-  cache = dict(text_k=jnp.pad(tk, pad), text_v=jnp.pad(tv, pad), vis_k=vk, vis_v=vv,
-               ca_k=ck, ca_v=cv)
+  per_layer = lambda a: list(a)  # noqa: E731  (decode_step reads one array per layer)
+  cache = dict(text_k=per_layer(jnp.pad(tk, pad)), text_v=per_layer(jnp.pad(tv, pad)),
+               vis_k=per_layer(vk), vis_v=per_layer(vv), ca_k=per_layer(ck), ca_v=per_layer(cv))
   last = t[jnp.arange(b), last_prompt_index(text_valid)]
   return model.logits(dec.norm(last)[:, None])[:, 0], cache
 
 
-def decode_step(model: LlavaOnevision, token: Array, pos: Array, index: Array,
-                cache: dict, vis_pos: Array, vis_valid: Array, tables: Mapping[str, Array]):
+def decode_step(model: LlavaOnevision, layers: Sequence, cross: Sequence, token: Array,
+                pos: Array, index: Array, cache: dict, vis_pos: Array, vis_valid: Array,
+                row: tuple[bool, ...]):
   """One new token per sample → (logits float32[B, V], updated cache).
 
   token int32[B]; pos int32[B] its position in the original sequence; index int32[B] its slot
-  in the text cache (= number of text tokens before it).
+  in the text cache (= number of text tokens before it). `row` is the group's budget (static:
+  one program per budget), so each layer's path (SA, CA + text, text) is chosen at trace time.
+
+  The layers are unrolled, each reading its own weights (`layers[l]`, `cross[m]`: per-layer
+  arrays, `split_layers`) and its own cache arrays: a step reads every weight once and copies
+  none. (A scan over the stacked weights copied each layer's slice out first, on every token.)
+  `model`'s own stacked layers are never read here, so XLA drops them.
   """
   dec, cfg = model.decoder, model.cfg
+  tables = _layer_tables(cfg, np.asarray(row, bool))
   x = model.embed[...][token][:, None].astype(model.dtype)
   pos1 = pos[:, None]
-  b, t_max = cache["text_k"].shape[1:3]
+  b, t_max = cache["text_k"][0].shape[:2]
   past_text = jnp.arange(t_max)[None, :] < index[:, None]           # bool[B, T_max]
   new = jnp.ones((b, 1), bool)
-  num_sa, num_ca = cache["vis_k"].shape[0], cache["ca_k"].shape[0]
-  layer_def, layer_state = nnx.split(dec.layers)
-  if dec.cross is not None:
-    cross_def, cross_state = nnx.split(dec.cross)
+  layer_def = nnx.graphdef(dec.layers)
+  cross_def = nnx.graphdef(dec.cross) if dec.cross is not None else None
   rows = jnp.arange(b)
-
-  def body(x, xs):
-    st, bit, is_ca, ca_module, ca_slot, sa_slot, tk, tv = xs
-    layer = nnx.merge(layer_def, st)
-
-    def sa(x):
-      past = (jnp.concatenate([cache["vis_k"][sa_slot], tk], axis=1),
-              jnp.concatenate([cache["vis_v"][sa_slot], tv], axis=1))
+  text_k, text_v = list(cache["text_k"]), list(cache["text_v"])
+  for l in range(cfg.num_layers):
+    layer = nnx.merge(layer_def, layers[l])
+    tk, tv = text_k[l], text_v[l]
+    if tables["bits"][l]:
+      slot = int(tables["sa_slot"][l])
+      past = (jnp.concatenate([cache["vis_k"][slot], tk], axis=1),
+              jnp.concatenate([cache["vis_v"][slot], tv], axis=1))
       valid = jnp.concatenate([vis_valid, past_text, new], axis=1)
-      return layer.with_kv(x, pos1, Mask(valid, pos1), past)
-
-    def text(x):
-      if num_ca:
-        def with_ca(x):
-          ca = nnx.merge(cross_def, jax.tree.map(lambda a: a[ca_module], cross_state))
-          return x + ca.read(x, cache["ca_k"][ca_slot], cache["ca_v"][ca_slot], pos1, vis_pos,
-                             vis_valid, cfg.attention_impl)
-        x = jax.lax.cond(is_ca, with_ca, lambda x: x, x)
+      x, k, v = layer.with_kv(x, pos1, Mask(valid, pos1), past)
+    else:
+      if tables["is_ca"][l]:
+        ca = nnx.merge(cross_def, cross[int(tables["ca_module"][l])])
+        slot = int(tables["ca_slot"][l])
+        x = x + ca.read(x, cache["ca_k"][slot], cache["ca_v"][slot], pos1, vis_pos, vis_valid,
+                        cfg.attention_impl)
       valid = jnp.concatenate([past_text, new], axis=1)
-      return layer.with_kv(x, pos1, Mask(valid, pos1), (tk, tv))
+      x, k, v = layer.with_kv(x, pos1, Mask(valid, pos1), (tk, tv))
+    text_k[l], text_v[l] = tk.at[rows, index].set(k[:, 0]), tv.at[rows, index].set(v[:, 0])
+  return model.logits(dec.norm(x))[:, 0], {**cache, "text_k": text_k, "text_v": text_v}
 
-    x, k, v = jax.lax.cond(bit, sa, text, x) if num_sa else text(x)
-    return x, (tk.at[rows, index].set(k[:, 0]), tv.at[rows, index].set(v[:, 0]))
 
-  xs = (layer_state, tables["bits"], tables["is_ca"], tables["ca_module"], tables["ca_slot"],
-        tables["sa_slot"], cache["text_k"], cache["text_v"])
-  x, (tk, tv) = jax.lax.scan(body, x, xs)
-  return model.logits(dec.norm(x))[:, 0], {**cache, "text_k": tk, "text_v": tv}
+def split_layers(state: nnx.State) -> tuple[nnx.State, list, list]:
+  """A model's state → (the state without the decoder's stacked `layers` and `cross`, the
+  per-layer states of `layers`, those of `cross`): the layout decoding reads (`decode_step`).
+  `join_layers` restacks them for the scanned paths (prefill, routing)."""
+  dec = state["decoder"]
+  per_layer = lambda stacked: [jax.tree.map(lambda a, i=i: a[i], stacked)  # noqa: E731
+                               for i in range(jax.tree.leaves(stacked)[0].shape[0])]
+  layers = per_layer(dec["layers"])
+  cross = per_layer(dec["cross"]) if "cross" in dec else []
+  rest = nnx.State(dict(state.items()))
+  rest["decoder"] = nnx.State({k: v for k, v in dec.items() if k not in ("layers", "cross")})
+  return rest, layers, cross
+
+
+def join_layers(rest: nnx.State, layers: Sequence, cross: Sequence) -> nnx.State:
+  """`split_layers`'s inverse, inside a jitted function: the stacked state again (a copy of
+  the layer weights where a caller reads them, nothing where it does not)."""
+  stack = lambda parts: jax.tree.map(lambda *xs: jnp.stack(xs), *parts)  # noqa: E731
+  full = nnx.State(dict(rest.items()))
+  extra = {"layers": stack(layers), **({"cross": stack(cross)} if cross else {})}
+  full["decoder"] = nnx.State({**rest["decoder"], **extra})
+  return full
 
 
 def sample_token(logits: Array, key: Array, temperature: float, top_p: float) -> Array:
@@ -174,6 +200,8 @@ class Generation:
   num_tokens: np.ndarray  # int32[B] generated tokens (including the stop token)
   budget: np.ndarray      # bool[B, L] the budget each sample ran with
   cache_bytes: np.ndarray  # int64[B] KV-cache bytes per sample (its group's cache / group size)
+  decode_seconds: np.ndarray  # float64[B] wall time of its group's decode steps (after prefill)
+  decode_steps: np.ndarray    # int32[B] decode steps its group ran
 
 
 class Generator:
@@ -181,17 +209,22 @@ class Generator:
 
   def __init__(self, model: LlavaOnevision):
     self.cfg = model.cfg
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, state = nnx.split(model)
+    # The decoder's weights per layer (decode_step reads them without copies); `state` is
+    # (the rest, layers, cross). Each jitted entry restacks what it needs (join_layers).
+    self.state = split_layers(state)
     g = self.graphdef
-    self._route = jax.jit(lambda st, x, th: nnx.merge(g, st).route(x, th))
-    self._visual = jax.jit(lambda st, x: nnx.merge(g, st).visual_tokens(
+    merge = lambda st: nnx.merge(g, join_layers(*st))  # noqa: E731
+    self._route = jax.jit(lambda st, x, th: merge(st).route(x, th))
+    self._visual = jax.jit(lambda st, x: merge(st).visual_tokens(
         x["pixels"], x["vis_src"], x["vis_weight"], x["vis_newline"]))
     self._prefill = jax.jit(
         lambda st, x, vis, tables, num_sa, num_ca, max_len: prefill(
-            nnx.merge(g, st), x, vis, tables, num_sa=num_sa, num_ca=num_ca, max_len=max_len),
+            merge(st), x, vis, tables, num_sa=num_sa, num_ca=num_ca, max_len=max_len),
         static_argnums=(4, 5, 6))
     self._decode = jax.jit(
-        lambda st, *args: decode_step(nnx.merge(g, st), *args), donate_argnums=(4,))
+        lambda st, *args: decode_step(merge(st), st[1], st[2], *args),
+        donate_argnums=(4,), static_argnums=(7,))
 
   def generate(self, inputs: Mapping[str, np.ndarray], *, budget: np.ndarray | None = None,
                threshold: float | None = None, max_new_tokens: int = 16,
@@ -211,7 +244,7 @@ class Generator:
     budget = np.asarray(distributed.fetchable(budget), bool)
     vis = np.asarray(distributed.fetchable(vis))
     out = Generation(np.full((b, max_new_tokens), -1, np.int32), np.zeros(b, np.int32),
-                     budget, np.zeros(b, np.int64))
+                     budget, np.zeros(b, np.int64), np.zeros(b), np.zeros(b, np.int32))
     key = jax.random.key(seed)
     for row in np.unique(budget, axis=0):
       idx = np.flatnonzero((budget == row).all(axis=1))
@@ -233,13 +266,15 @@ class Generator:
     max_len = x["tokens"].shape[1] + max_new
     logits, cache = self._prefill(self.state, x, vis, tables, int(row.sum()),
                                   int(np_tables["is_ca"].sum()), max_len)
-    out.cache_bytes[idx] = sum(int(c.nbytes) for c in cache.values()) // padded
+    out.cache_bytes[idx] = sum(int(c.nbytes) for c in jax.tree.leaves(cache)) // padded
     last_pos = np.maximum(x["text_pos"][np.arange(padded), text_len - 1],
                           np.max(np.where(x["vis_valid"], x["vis_pos"], -1), axis=1))
     pos, index = last_pos + 1, text_len.copy()
     done = np.zeros(padded, bool)
     done[n:] = True  # padding rows: computed, never recorded
     stop = np.asarray(list(stop_ids), np.int32)
+    logits = jax.block_until_ready(logits)
+    start, steps = time.perf_counter(), 0
     for step in range(max_new):
       key, sub = jax.random.split(key)
       token = np.asarray(sample_token(distributed.fetchable(logits), sub, temperature, top_p))
@@ -251,8 +286,10 @@ class Generator:
         break
       logits, cache = self._decode(self.state, jnp.asarray(token), jnp.asarray(pos, jnp.int32),
                                    jnp.asarray(index, jnp.int32), cache, x["vis_pos"],
-                                   x["vis_valid"], tables)
-      pos, index = pos + 1, index + 1
+                                   x["vis_valid"], tuple(bool(b) for b in row))
+      pos, index, steps = pos + 1, index + 1, steps + 1
+    jax.block_until_ready(logits)
+    out.decode_seconds[idx], out.decode_steps[idx] = time.perf_counter() - start, steps
 
 
 def generate(model: LlavaOnevision, inputs: Mapping[str, np.ndarray], **kwargs) -> Generation:
