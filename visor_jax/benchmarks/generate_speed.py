@@ -5,7 +5,9 @@
 
 A reduced LLaVA-OV 0.5B (its widths; fewer LLM and SigLIP layers, stated in the output;
 random weights) so one run fits a 2-core CPU in a few minutes. Budgets: all layers SA (the
-LLaVA-OV baseline) and 0, 2, 4 SA layers spread over the candidates.
+LLaVA-OV baseline) and 0, 2, 4 SA layers spread over the candidates. Decode is also shown
+against its bandwidth floor (the bytes a step must read / the measured read bandwidth) and,
+at all SA, against transformers' cached `generate` (benchmarks/decode_floor.py).
 """
 import time
 
@@ -15,6 +17,7 @@ from absl import app, flags
 from flax import nnx
 
 from visor_jax import budgets, config_lib, flops, model_configs
+from visor_jax.benchmarks import cpu_model, decode_floor
 from visor_jax.data import inputs
 from visor_jax.inference.generate import Generator, _layer_tables
 from visor_jax.models.llava_onevision import LlavaOnevision
@@ -26,6 +29,7 @@ flags.DEFINE_string("image", "384x384", "Image HxW.")
 flags.DEFINE_integer("text", 64, "Prompt text tokens.")
 flags.DEFINE_integer("new_tokens", 16, "Decoded tokens (the mean step is reported).")
 flags.DEFINE_integer("repeats", 3, "Timed runs per budget (the fastest is reported).")
+flags.DEFINE_bool("transformers", True, "Also time transformers' cached generate (all SA).")
 
 
 def reduced_model_dict():
@@ -75,7 +79,7 @@ def main(_):
     rows[f"{k} SA"] = budgets.mask(cfg, budgets.spread_layers(cfg.visor.sa_candidates, k))
   print(f"reduced LLaVA-OV 0.5B: {cfg.num_layers} LLM layers (CA {list(cfg.visor.ca_layers)}),"
         f" {cfg.vision.num_layers} SigLIP layers; {n_vis} visual + {n_text} text tokens, "
-        f"{n_crops} crops; {jax.devices()[0].device_kind}, f32")
+        f"{n_crops} crops; {jax.devices()[0].device_kind} ({cpu_model()}), f32")
   results = {}
   for name, row in rows.items():
     gen.generate(batch, budget=row, max_new_tokens=2)  # compile prefill and decode
@@ -102,6 +106,23 @@ def main(_):
           f"{base['decode'] / r['decode']:8.2f} {base['dec'] / r['dec']:8.2f} "
           f"{r['kv'] / 2**20:7.1f} {base['kv'] / r['kv']:6.2f}")
   print("prefill FLOPs x: total (vision + LLM) ratio; decode FLOPs x: analytic per-token ratio")
+
+  bandwidth = decode_floor.read_bandwidth()
+  state = nnx.state(model)
+  print(f"\ndecode vs its bandwidth floor (weights read + the whole KV cache, at "
+        f"{bandwidth / 1e9:.1f} GB/s measured read bandwidth)")
+  print(f"{'budget':<18} {'decode ms':>9} {'MB read':>8} {'floor ms':>8} {'x floor':>7}")
+  for (name, r), row in zip(results.items(), rows.values()):
+    nbytes = decode_floor.decode_weight_bytes(state, row[0], cfg) + r["kv"]
+    floor = nbytes / bandwidth
+    print(f"{name:<18} {1e3 * r['decode']:9.1f} {nbytes / 1e6:8.0f} {1e3 * floor:8.1f} "
+          f"{r['decode'] / floor:7.2f}")
+  if FLAGS.transformers:
+    theirs = decode_floor.transformers_ms_per_token(cfg, sample, ids, image, FLAGS.new_tokens,
+                                                    FLAGS.repeats)
+    ours = 1e3 * base["decode"]
+    print(f"\nall SA decode: ours {ours:.1f} ms/token, transformers generate (KV cache, sdpa, "
+          f"f32) {theirs:.1f} ms/token: ratio {ours / theirs:.2f}")
 
 
 if __name__ == "__main__":
