@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Sequence
 
@@ -56,17 +55,9 @@ def transformers_ms_per_token(model_cfg, sample, token_ids: Sequence[int], image
   import torch
   import transformers
 
-  from visor_jax.convert import hf_config
+  from visor_jax.benchmarks.forward_speed import transformers_model_and_inputs
 
-  torch.set_num_threads(os.cpu_count() or 1)
-  hf_cfg = transformers.LlavaOnevisionConfig(**hf_config.to_hf_dict(model_cfg))
-  hf_cfg._attn_implementation = "sdpa"
-  torch.manual_seed(0)
-  model = transformers.LlavaOnevisionForConditionalGeneration(hf_cfg).eval()
-  expanded = []
-  for t in token_ids:
-    expanded += [t] * (sample.num_visual_tokens if t == model_cfg.image_token_id else 1)
-  pixels = torch.from_numpy(np.ascontiguousarray(sample.pixels.transpose(0, 3, 1, 2))[None])
+  model, kw, pixels = transformers_model_and_inputs(model_cfg, sample, token_ids, image)
   stamps: list[float] = []
 
   class Stamp(transformers.LogitsProcessor):
@@ -78,8 +69,7 @@ def transformers_ms_per_token(model_cfg, sample, token_ids: Sequence[int], image
   for _ in range(repeats):
     stamps.clear()
     with torch.inference_mode():
-      model.generate(input_ids=torch.tensor([expanded]), pixel_values=pixels,
-                     image_sizes=torch.tensor([list(image.shape[:2])]), do_sample=False,
+      model.generate(**kw, pixel_values=pixels, do_sample=False,
                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
                      pad_token_id=0, logits_processor=transformers.LogitsProcessorList([Stamp()]))
     best = min(best, float(np.median(np.diff(stamps))))
