@@ -55,9 +55,9 @@ def transformers_ms_per_token(model_cfg, sample, token_ids: Sequence[int], image
   import torch
   import transformers
 
-  from visor_jax.benchmarks.forward_speed import transformers_model_and_inputs
+  from visor_jax.benchmarks import transformers_ref
 
-  model, kw, pixels = transformers_model_and_inputs(model_cfg, sample, token_ids, image)
+  model, kw, pixels = transformers_ref.model_and_inputs(model_cfg, sample, token_ids, image)
   stamps: list[float] = []
 
   class Stamp(transformers.LogitsProcessor):

@@ -34,6 +34,7 @@ from absl import app, flags
 from flax import nnx
 
 from visor_jax import budgets, config_lib, flops, model_configs
+from visor_jax.benchmarks import transformers_ref
 from visor_jax.config_lib import ModelConfig
 from visor_jax.data import inputs as inputs_lib
 from visor_jax.models.llava_onevision import LlavaOnevision
@@ -195,30 +196,6 @@ def compilations(progs: OurPrograms) -> int:
   return max(sizes) if sizes else -1
 
 
-def transformers_model_and_inputs(model_cfg: Any, sample, token_ids: Sequence[int],
-                                  image: np.ndarray):
-  """transformers' LLaVA-OV (float32, sdpa, random weights of `model_cfg`'s geometry) and our
-  prompt as its inputs → (model, {input_ids, image_sizes}, pixel_values float[1, P, 3, S, S]).
-  input_ids: the image placeholder expanded to the sample's visual token count (as
-  tests/test_hf_equivalence.py does); pixel_values: our crops, NCHW."""
-  import torch
-  import transformers
-
-  from visor_jax.convert import hf_config
-
-  torch.set_num_threads(os.cpu_count() or 1)
-  hf_cfg = transformers.LlavaOnevisionConfig(**hf_config.to_hf_dict(model_cfg))
-  hf_cfg._attn_implementation = "sdpa"
-  torch.manual_seed(0)
-  model = transformers.LlavaOnevisionForConditionalGeneration(hf_cfg).eval()
-  expanded = []
-  for t in token_ids:
-    expanded += [t] * (sample.num_visual_tokens if t == model_cfg.image_token_id else 1)
-  pixels = torch.from_numpy(np.ascontiguousarray(sample.pixels.transpose(0, 3, 1, 2))[None])
-  return model, dict(input_ids=torch.tensor([expanded]),
-                     image_sizes=torch.tensor([list(image.shape[:2])])), pixels
-
-
 def torch_fns(model_cfg: Any, sample, token_ids: Sequence[int], image: np.ndarray,
               dtypes: Sequence[str]) -> dict[str, Callable[[], Any]]:
   """transformers' LLaVA-OV forward (random weights, sdpa) on the same prompt and crops.
@@ -230,7 +207,7 @@ def torch_fns(model_cfg: Any, sample, token_ids: Sequence[int], image: np.ndarra
   """
   import torch
 
-  f32, kw, pixels = transformers_model_and_inputs(model_cfg, sample, token_ids, image)
+  f32, kw, pixels = transformers_ref.model_and_inputs(model_cfg, sample, token_ids, image)
   kw.update(logits_to_keep=torch.as_tensor(sample.text_pos, dtype=torch.long), use_cache=False)
   fns = {}
   for name in dtypes:
