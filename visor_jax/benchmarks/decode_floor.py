@@ -41,9 +41,8 @@ def decode_weight_bytes(state, row: np.ndarray, cfg) -> int:
   dec = state["decoder"]
   total = nbytes(dec["layers"]) + nbytes(dec["norm"])
   if "cross" in dec:
-    modules = _layer_tables(cfg, row)["ca_module"][_layer_tables(cfg, row)["is_ca"]]
-    per_module = nbytes(dec["cross"]) // len(cfg.visor.ca_layers)
-    total += per_module * len(modules)
+    active_ca = int(_layer_tables(cfg, row)["is_ca"].sum())
+    total += nbytes(dec["cross"]) // len(cfg.visor.ca_layers) * active_ca
   head = state["lm_head"] if "lm_head" in state else state["embed"]
   return total + nbytes(head)
 

@@ -103,9 +103,9 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
         tables["sa_slot"])
   (t, _, vk, vv, ck, cv), (tk, tv) = jax.lax.scan(body, carry, xs)
   pad = ((0, 0), (0, 0), (0, max_len - tk.shape[2]), (0, 0), (0, 0))
-  per_layer = lambda a: list(a)  # noqa: E731  (decode_step reads one array per layer)
-  cache = dict(text_k=per_layer(jnp.pad(tk, pad)), text_v=per_layer(jnp.pad(tv, pad)),
-               vis_k=per_layer(vk), vis_v=per_layer(vv), ca_k=per_layer(ck), ca_v=per_layer(cv))
+  # One array per layer: decode_step reads (and updates) each layer's own.
+  cache = dict(text_k=list(jnp.pad(tk, pad)), text_v=list(jnp.pad(tv, pad)), vis_k=list(vk),
+               vis_v=list(vv), ca_k=list(ck), ca_v=list(cv))
   last = t[jnp.arange(b), last_prompt_index(text_valid)]
   return model.logits(dec.norm(last)[:, None])[:, 0], cache
 
