@@ -14,7 +14,7 @@ from PIL import Image
 import pytest
 
 from visor_jax import config_lib, model_configs
-from visor_jax.data import inputs, pages, pipeline, preprocess, sources
+from visor_jax.data import inputs, pages, pages_build, pipeline, preprocess, sources
 from visor_jax.data.tokenizer import build_tiny_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def _no_network(*a, **k):
 socket.socket.connect = socket.create_connection = socket.getaddrinfo = _no_network
 sys.argv = ["pages", "--data_dir", sys.argv[1], "--train", "80", "--validation", "8",
             "--test", "8"]
-runpy.run_module("visor_jax.data.pages", run_name="__main__")
+runpy.run_module("visor_jax.data.pages_build", run_name="__main__")
 assert "tensorflow" not in sys.modules, "tensorflow was imported"
 print("SUBPROCESS_OK")
 """
@@ -49,9 +49,9 @@ def built(tmp_path_factory):
   p (the row-permuted variant of a), all in one directory except b."""
   a = tmp_path_factory.mktemp("pages_a")
   b = tmp_path_factory.mktemp("pages_b")
-  pages.build(a, **PARAMS)
-  pages.build(a, **{**PARAMS, "seed": 1})
-  pages.build(a, **PARAMS, permute_rows=True)
+  pages_build.build(a, **PARAMS)
+  pages_build.build(a, **{**PARAMS, "seed": 1})
+  pages_build.build(a, **PARAMS, permute_rows=True)
   proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, str(b)], capture_output=True,
                         env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True, timeout=120)
   assert proc.returncode == 0 and "SUBPROCESS_OK" in proc.stdout, proc.stdout + proc.stderr
@@ -59,7 +59,7 @@ def built(tmp_path_factory):
 
 
 def _split(data_dir, split, **overrides):
-  return list(pages.records(split, data_dir, **{**PARAMS, **overrides}))
+  return list(pages_build.records(split, data_dir, **{**PARAMS, **overrides}))
 
 
 # ----------------------------------------------------------------------------- pixels -> answer
@@ -197,7 +197,7 @@ def test_bitmaps_are_distinct():
 def test_builds_are_byte_identical_across_processes(built):
   a, b, out = built
   fa, fb = _files(a), _files(b)
-  name = pages.make_config(**PARAMS).name
+  name = pages_build.make_config(**PARAMS).name
   fa = {k: v for k, v in fa.items() if k.parts[1] == name}
   assert len(fa) == 3 and fa.keys() == fb.keys()
   assert all(fa[k] == fb[k] for k in fa)
@@ -210,11 +210,11 @@ def test_seed_and_variant_change_the_data(built):
   assert base != [r["image"] for r in _split(a, "train", seed=1)]
   assert base != [r["image"] for r in _split(a, "train", permute_rows=True)]
   names = {p.name for p in (pathlib.Path(a) / "visor_pages_vqa").iterdir()}
-  assert names == {pages.make_config(**PARAMS).name,
-                   pages.make_config(**{**PARAMS, "seed": 1}).name,
-                   pages.make_config(**PARAMS, permute_rows=True).name}
+  assert names == {pages_build.make_config(**PARAMS).name,
+                   pages_build.make_config(**{**PARAMS, "seed": 1}).name,
+                   pages_build.make_config(**PARAMS, permute_rows=True).name}
   with pytest.raises(FileNotFoundError):
-    pages.records("train", a, **{**PARAMS, "grid": 6})
+    pages_build.records("train", a, **{**PARAMS, "grid": 6})
 
 
 def test_generate_example_is_pure():
@@ -300,7 +300,7 @@ def test_record_contract(built):
       assert r["conversations"][0]["value"].startswith("<image>\n")
       assert r["kind"] in pages.FAMILY_KINDS[r["family"]]
       assert all(isinstance(r[k], str) for k in ("id", "family", "kind", "answer"))
-  recs = pages.records("train", a, **PARAMS)
+  recs = pages_build.records("train", a, **PARAMS)
   assert recs[-1] == recs[79] and recs[1:3] == [recs[1], recs[2]]
   with pytest.raises(IndexError):
     recs[80]
@@ -373,8 +373,8 @@ def test_readout_variant_is_one_coloured_digit_read_back_from_pixels(tmp_path):
   """`readout=True`: 1 x 1 pages (one cell token), each one coloured digit on a page colour,
   asked "What is the <colour> digit?"; every digit equally often; its own build name."""
   sizes = dict(train=20, validation=10, test=0)
-  pages.build(tmp_path, sizes=sizes, grid=6, readout=True)
-  recs = pages.records("train", tmp_path, sizes=sizes, grid=6, readout=True)
+  pages_build.build(tmp_path, sizes=sizes, grid=6, readout=True)
+  recs = pages_build.records("train", tmp_path, sizes=sizes, grid=6, readout=True)
   digits = []
   for rec in recs:
     img = np.asarray(Image.open(io.BytesIO(rec["image"])).convert("RGB"))
@@ -387,4 +387,4 @@ def test_readout_variant_is_one_coloured_digit_read_back_from_pixels(tmp_path):
     assert gpt["value"] == digit and rec["family"] == "fine"
     digits.append(digit)
   assert sorted(digits) == sorted(str(i % 10) for i in range(20))
-  assert pages.make_config(grid=6, readout=True).name != pages.make_config(grid=6).name
+  assert pages_build.make_config(grid=6, readout=True).name != pages_build.make_config(grid=6).name

@@ -38,7 +38,7 @@ from ml_collections import config_flags
 
 from visor_jax import budgets as budgets_lib
 from visor_jax import paths, runs
-from visor_jax.data import inputs, pages, sources
+from visor_jax.data import inputs, pages, pages_build, sources
 from visor_jax.data.conversations import ImageLoader
 from visor_jax.evaluation import harness, report
 from visor_jax.evaluation import main as eval_main
@@ -142,7 +142,7 @@ def data_params(rc, workdir: str, permute_rows: bool = False) -> dict:
 def test_items(rc, workdir: str, permute_rows: bool = False) -> list[harness.Item]:
   params = data_params(rc, workdir, permute_rows)
   directory = data_dir(workdir)
-  pages.build(directory, **params)
+  pages_build.build(directory, **params)
   return harness.synthetic_items(directory, "test", dataset="pages", **params)
 
 
@@ -163,7 +163,7 @@ def families_with_chance(rc, items) -> dict:
 def question_only(rc, workdir: str, items) -> dict:
   """The blind baseline: each test question answered with the most frequent train answer to
   the same question text (the image never looked at); a harness-like summary per family."""
-  recs = pages.records("train", data_dir(workdir), **data_params(rc, workdir))
+  recs = pages_build.records("train", data_dir(workdir), **data_params(rc, workdir))
   answers = collections.defaultdict(collections.Counter)
   for i in range(len(recs)):
     turns = recs[i]["conversations"]

@@ -17,21 +17,17 @@ Glyphs and markers are fixed bitmaps defined here (never a system font), painted
 anti-aliasing, so every pixel is exact on every machine and the answers can be read back from
 the PNG. Storage is exactly `synthetic`'s: a tensorflow-datasets array_record build without
 TensorFlow, PNG bytes, canonical serialization, every example a pure function of
-(seed, split, index).
+(seed, split, index): `pages_build.py` builds and reads it.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import io
-import os
 
 import numpy as np
 from PIL import Image
-import tensorflow_datasets as tfds
 
 from visor_jax.data import synthetic
-from visor_jax.data.synthetic import SPLITS, Records
+from visor_jax.data.synthetic import SPLITS
 
 DEFAULT_SIZES = {"train": 8000, "validation": 800, "test": 1600}  # test: 400 per family
 CELL = 14                  # px per cell = crop = patch: one visual token per cell
@@ -147,7 +143,7 @@ def coarse_slots(grid: int) -> list[tuple[str, str]]:
   return (out * 2)[:STRATUM // len(FAMILIES)]
 
 
-def _check_grid(grid: int):
+def check_grid(grid: int):
   if not MIN_GRID <= grid <= MAX_GRID:
     raise ValueError(f"grid={grid} must be in [{MIN_GRID}, {MAX_GRID}]")
 
@@ -344,7 +340,7 @@ def _try_example(rng, family, answer_slot, grid):
 def generate_spec(seed: int, split: str, index: int, grid: int = 8) -> dict:
   """The unpermuted page of `split[index]` with its question and the row permutation that
   the permuted variant applies (computed in both modes, so the pages are the same)."""
-  _check_grid(grid)
+  check_grid(grid)
   family, answer_slot = slot(seed, split, index)
   rng = example_rng(seed, split, index)
   for _ in range(1000):
@@ -519,100 +515,3 @@ def corpus() -> list[str]:
   words = sorted({w for s in out for w in s.replace("?", " ").replace(".", " ").split()})
   template = "<|im_start|>user\n<|im_start|>assistant\n<|im_end|>\n"
   return out + answers * 256 + [" ".join(words)] * 64 + [template] * 64 + ["<image>"]
-
-
-# ----------------------------------------------------------------------------- tfds
-
-
-@dataclasses.dataclass(eq=False)
-class PagesConfig(tfds.core.BuilderConfig):
-  """Generation parameters; the config name encodes them, so builds never collide."""
-  seed: int = 0
-  sizes: tuple = ()  # ((split, n), ...)
-  grid: int = 8
-  permute_rows: bool = False
-  read_turn: bool = False
-  turns: int = 1
-  readout: bool = False
-
-
-def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-                turns=1, readout=False) -> PagesConfig:
-  sizes = {**DEFAULT_SIZES, **(sizes or {})}
-  if set(sizes) != set(SPLITS) or min(sizes.values()) < 0:
-    raise ValueError(f"sizes must give counts >= 0 for splits {SPLITS}, got {sizes}")
-  _check_grid(int(grid))
-  name = (f"seed{seed}-" + "-".join(f"{s}{sizes[s]}" for s in SPLITS) + f"-grid{grid}"
-          + ("-permuted" if permute_rows else "") + ("-read" if read_turn else "")
-          + (f"-turns{turns}" if turns > 1 else ""))
-  if readout:  # 1 x 1 pages whatever the grid: one name for every grid
-    name = f"seed{seed}-" + "-".join(f"{s}{sizes[s]}" for s in SPLITS) + "-readout"
-  return PagesConfig(name=name, seed=int(seed), sizes=tuple((s, int(sizes[s])) for s in SPLITS),
-                     grid=int(grid), permute_rows=bool(permute_rows), read_turn=bool(read_turn),
-                     turns=int(turns), readout=bool(readout))
-
-
-class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
-  """Pages of 14 px cells with coarse / fine / control / interaction questions."""
-  VERSION = tfds.core.Version("1.1.0")  # bump whenever generated content changes
-  RELEASE_NOTES = {"1.0.0": "3-4 markers and 1-2 coloured digits per page.",
-                   "1.1.0": "One marker and one coloured digit per page (fixed lookup keys)."}
-
-  def _record(self, split, index):
-    c = self.builder_config
-    if c.readout:
-      return readout_example(c.seed, split, index)[0]
-    return generate_example(c.seed, split, index, c.grid, c.permute_rows, c.read_turn,
-                            c.turns)[0]
-
-
-def _builder(data_dir, **params) -> VisorPagesVqa:
-  return VisorPagesVqa(data_dir=os.fspath(data_dir), config=make_config(**params),
-                       file_format="array_record")
-
-
-def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-          turns=1, readout=False) -> str:
-  """Builds the dataset under `data_dir` unless present (idempotent); returns `data_dir`.
-  `readout`: the 1 x 1 readout variant (`readout_example`) instead of full pages."""
-  builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
-                     read_turn=read_turn, turns=turns, readout=readout)
-  if not builder.is_prepared():  # nothing to download; never ask GCS for a prebuilt copy
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return os.fspath(data_dir)
-
-
-def records(split, data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False,
-            read_turn=False, turns=1, readout=False) -> Records:
-  """The built `split` (same parameters as `build`); raises if it was never built."""
-  builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
-                     read_turn=read_turn, turns=turns, readout=readout)
-  if not builder.is_prepared():
-    raise FileNotFoundError(f"{builder.data_dir} is not built; call pages.build() first")
-  return Records(builder.as_data_source(split=split))
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--data_dir", required=True)
-  p.add_argument("--seed", type=int, default=0)
-  for s in SPLITS:
-    p.add_argument(f"--{s}", type=int, default=DEFAULT_SIZES[s])
-  p.add_argument("--grid", type=int, default=8)
-  p.add_argument("--permute_rows", action="store_true")
-  a = p.parse_args(argv)
-  params = dict(seed=a.seed, sizes={s: getattr(a, s) for s in SPLITS}, grid=a.grid,
-                permute_rows=a.permute_rows)
-  build(a.data_dir, **params)
-  for s in SPLITS:
-    if params["sizes"][s]:
-      recs = records(s, a.data_dir, **params)
-      print(f"{s}: {len(recs)} examples")
-      for r in recs[:4]:
-        q = r["conversations"][0]["value"].replace("\n", " ")
-        print(f"  [{r['family']}/{r['kind']}] {q} -> {r['answer']}")
-
-
-if __name__ == "__main__":
-  main()

@@ -14,7 +14,7 @@ import ml_collections
 
 from visor_jax import paths
 from visor_jax.config_lib import ModelConfig
-from visor_jax.data import pages, pipeline, preprocess, synthetic
+from visor_jax.data import pages_build, pipeline, preprocess, synthetic
 from visor_jax.data.tokenizer import Tokenizer
 
 SOURCES = ("synthetic", "pages", "json")
@@ -65,7 +65,7 @@ def question_format(data: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 # The embedded datasets: name → (module with build/records/corpus, its parameters' reader).
-EMBEDDED = {"synthetic": (synthetic, synthetic_params), "pages": (pages, pages_params)}
+EMBEDDED = {"synthetic": (synthetic, synthetic_params), "pages": (pages_build, pages_params)}
 
 
 def embedded(data: ml_collections.ConfigDict):

@@ -1,0 +1,115 @@
+"""The pages dataset on disk: its tfds builder (array_record, no TensorFlow), `build` /
+`records`, and a command that builds it and prints a few examples:
+
+    python -m visor_jax.data.pages_build --data_dir /tmp/pages --train 8000 --validation 800 --test 1600
+
+What a page and its questions are: `pages.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import tensorflow_datasets as tfds
+
+from visor_jax.data import pages, synthetic
+from visor_jax.data.synthetic import SPLITS, Records
+
+# With `build` and `records`, the embedded-dataset interface `sources.EMBEDDED` reads.
+corpus = pages.corpus
+
+
+@dataclasses.dataclass(eq=False)
+class PagesConfig(tfds.core.BuilderConfig):
+  """Generation parameters; the config name encodes them, so builds never collide."""
+  seed: int = 0
+  sizes: tuple = ()  # ((split, n), ...)
+  grid: int = 8
+  permute_rows: bool = False
+  read_turn: bool = False
+  turns: int = 1
+  readout: bool = False
+
+
+def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
+                turns=1, readout=False) -> PagesConfig:
+  sizes = {**pages.DEFAULT_SIZES, **(sizes or {})}
+  if set(sizes) != set(SPLITS) or min(sizes.values()) < 0:
+    raise ValueError(f"sizes must give counts >= 0 for splits {SPLITS}, got {sizes}")
+  pages.check_grid(int(grid))
+  name = f"seed{seed}-" + "-".join(f"{s}{sizes[s]}" for s in SPLITS)
+  if readout:  # 1 x 1 pages whatever the grid: one name for every grid
+    name += "-readout"
+  else:
+    name += (f"-grid{grid}" + ("-permuted" if permute_rows else "")
+             + ("-read" if read_turn else "") + (f"-turns{turns}" if turns > 1 else ""))
+  return PagesConfig(name=name, seed=int(seed), sizes=tuple((s, int(sizes[s])) for s in SPLITS),
+                     grid=int(grid), permute_rows=bool(permute_rows), read_turn=bool(read_turn),
+                     turns=int(turns), readout=bool(readout))
+
+
+class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
+  """Pages of 14 px cells with coarse / fine / control / interaction questions."""
+  VERSION = tfds.core.Version("1.1.0")  # bump whenever generated content changes
+  RELEASE_NOTES = {"1.0.0": "3-4 markers and 1-2 coloured digits per page.",
+                   "1.1.0": "One marker and one coloured digit per page (fixed lookup keys)."}
+
+  def _record(self, split, index):
+    c = self.builder_config
+    if c.readout:
+      return pages.readout_example(c.seed, split, index)[0]
+    return pages.generate_example(c.seed, split, index, c.grid, c.permute_rows, c.read_turn,
+                            c.turns)[0]
+
+
+def _builder(data_dir, **params) -> VisorPagesVqa:
+  return VisorPagesVqa(data_dir=os.fspath(data_dir), config=make_config(**params),
+                       file_format="array_record")
+
+
+def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
+          turns=1, readout=False) -> str:
+  """Builds the dataset under `data_dir` unless present (idempotent); returns `data_dir`.
+  `readout`: the 1 x 1 readout variant (`readout_example`) instead of full pages."""
+  builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
+                     read_turn=read_turn, turns=turns, readout=readout)
+  if not builder.is_prepared():  # nothing to download; never ask GCS for a prebuilt copy
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return os.fspath(data_dir)
+
+
+def records(split, data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False,
+            read_turn=False, turns=1, readout=False) -> Records:
+  """The built `split` (same parameters as `build`); raises if it was never built."""
+  builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
+                     read_turn=read_turn, turns=turns, readout=readout)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"{builder.data_dir} is not built; call pages_build.build() first")
+  return Records(builder.as_data_source(split=split))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--data_dir", required=True)
+  p.add_argument("--seed", type=int, default=0)
+  for s in SPLITS:
+    p.add_argument(f"--{s}", type=int, default=pages.DEFAULT_SIZES[s])
+  p.add_argument("--grid", type=int, default=8)
+  p.add_argument("--permute_rows", action="store_true")
+  a = p.parse_args(argv)
+  params = dict(seed=a.seed, sizes={s: getattr(a, s) for s in SPLITS}, grid=a.grid,
+                permute_rows=a.permute_rows)
+  build(a.data_dir, **params)
+  for s in SPLITS:
+    if params["sizes"][s]:
+      recs = records(s, a.data_dir, **params)
+      print(f"{s}: {len(recs)} examples")
+      for r in recs[:4]:
+        q = r["conversations"][0]["value"].replace("\n", " ")
+        print(f"  [{r['family']}/{r['kind']}] {q} -> {r['answer']}")
+
+
+if __name__ == "__main__":
+  main()
