@@ -1,5 +1,5 @@
 r"""The one-command reproduction on the pages dataset (visor_jax/reproduce.py, docs/reproduce.md):
-readout (1 x 1 pages) -> base all-SA model -> stage 1 -> stage 2 -> universal -> feasible search -> router -> every
+readout (1 x 1 pages) -> lookup (fine questions only) -> base all-SA model -> stage 1 -> stage 2 -> universal -> feasible search -> router -> every
 method evaluated on the test split -> results/{results.json, results.md, pareto.png}.
 
   python -m visor_jax.reproduce --config=configs/reproduce.py --workdir=/tmp/visor_repro
@@ -20,10 +20,13 @@ def get_config(arg=None):
   c.seed = 0
   c.grid = 6                      # cells per page side: 43 visual tokens (training.config.pages)
   c.batch = 16
+  # Questions per train record. 1: at 6 (more supervision per page) a step costs ~3x and
+  # nothing was learned faster per second (docs/pages_dataset.md, "Families one at a time").
+  c.turns = 1
   # Training steps per stage; lr per stage (new parts and the LLM from the base onward).
-  c.steps = dict(readout=150, base=2500, stage1=200, stage2=300, universal=900)
-  c.lr = dict(readout=1e-3, base=1e-3, stage1=1e-3, stage2=3e-4, universal=3e-4)
-  c.sizes = dict(train=20000, validation=800, test=1600)   # test: 400 per family
+  c.steps = dict(readout=200, lookup=800, base=2500, stage1=300, stage2=400, universal=1500)
+  c.lr = dict(readout=1e-3, lookup=1e-3, base=1e-3, stage1=1e-3, stage2=3e-4, universal=3e-4)
+  c.sizes = dict(train=48000, validation=800, test=1600)   # test: 400 per family
   c.search_items = 400            # validation items for the feasible search
   c.router = dict(num_samples=2048, epochs=60, threshold=0.5)
   c.peers = "fastv:0.5,fastv:0.25,pyramiddrop:0.5,pyramiddrop:0.25,visionzip:0.5,visionzip:0.25"
@@ -32,7 +35,7 @@ def get_config(arg=None):
   if v.scale == "tiny":           # the CI smoke test: every stage runs, nothing is learned
     c.grid = 6
     c.batch = 8
-    c.steps = dict(readout=1, base=2, stage1=1, stage2=1, universal=2)
+    c.steps = dict(readout=1, lookup=1, base=2, stage1=1, stage2=1, universal=2)
     c.sizes = dict(train=48, validation=16, test=16)
     c.search_items = 8
     c.router = dict(num_samples=8, epochs=2, threshold=0.5)

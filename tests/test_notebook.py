@@ -109,6 +109,6 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
   assert figure.startswith(b"\x89PNG")
 
   [pareto] = by_text("pareto.png")
-  assert re.search(rf"^router\s+\d\.\d\d", stream_text(pareto), re.M), stream_text(pareto)
+  assert re.search(r"^router\s+\d\.\d\d", stream_text(pareto), re.M), stream_text(pareto)
   with open(os.path.join(workdir, "eval", "pareto.png"), "rb") as f:
     assert pngs(pareto) == [f.read()]

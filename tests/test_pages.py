@@ -356,7 +356,7 @@ def test_source_and_harness_read_pages(tmp_path):
   assert sources.pages_params(ml_collections.ConfigDict(dict(
       synthetic_seed=1, synthetic_sizes=dict(train=1, validation=1, test=1)))) == dict(
           seed=1, sizes=dict(train=1, validation=1, test=1), grid=8, read_turn=False,
-          turns=1, readout=False)
+          turns=1, readout=False, families=pages.FAMILIES)
 
 
 def test_question_format_turns_training_only_turns_off():
@@ -388,3 +388,22 @@ def test_readout_variant_is_one_coloured_digit_read_back_from_pixels(tmp_path):
     digits.append(digit)
   assert sorted(digits) == sorted(str(i % 10) for i in range(20))
   assert pages_build.make_config(grid=6, readout=True).name != pages_build.make_config(grid=6).name
+
+
+def test_families_build_is_the_full_splits_records_of_those_families(tmp_path):
+  """`families=('fine',)` (the reproduction's lookup stage): exactly the full split's fine
+  records, in order, ids and all; a name of its own; unknown family names are refused."""
+  sizes = dict(train=25, validation=0, test=0)
+  pages_build.build(tmp_path, sizes=sizes, grid=6, families=("fine",))
+  recs = pages_build.records("train", tmp_path, sizes=sizes, grid=6, families=("fine",))
+  full = [pages.generate_example(0, "train", i, 6)[0] for i in range(120)]
+  assert [r["id"] for r in recs] == [r["id"] for r in full if r["family"] == "fine"][:25]
+  assert all(r["family"] == "fine" for r in recs) and recs[3] == next(
+      r for r in full if r["id"] == recs[3]["id"])
+  two = [pages.family_index(0, "train", i, ("coarse", "interaction")) for i in range(40)]
+  assert two == [i for i in range(80) if full[i]["family"] in ("coarse", "interaction")][:40]
+  assert "fine" in pages_build.make_config(grid=6, families=("fine",)).name
+  assert pages_build.make_config(grid=6).name == pages_build.make_config(
+      grid=6, families=pages.FAMILIES).name
+  with pytest.raises(ValueError, match="families"):
+    pages_build.make_config(grid=6, families=("fin",))

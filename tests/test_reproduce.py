@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from visor_jax.data import pages, sources
 from visor_jax.evaluation import report
 
 FAMILIES = {"coarse": {"kind": "coarse", "chance": 0.3},
@@ -46,18 +47,40 @@ def test_results_contract_markdown_and_plot(tmp_path):
   assert os.path.getsize(paths["plot"]) > 1000
 
 
-@pytest.mark.slow
-def test_reproduction_runs_every_stage_and_resumes(tmp_path):
+def _reproduce_config(arg=None):
   import importlib.util
-  from visor_jax import reproduce
   spec = importlib.util.spec_from_file_location(
       "reproduce_config", os.path.join(os.path.dirname(__file__), "..", "configs", "reproduce.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  rc = module.get_config("scale=tiny")
+  return module.get_config(arg)
+
+
+def test_stages_chain_readout_lookup_base_and_only_lookup_filters_families():
+  """readout (1 x 1 pages) -> lookup (full pages, fine questions alone, one per record) ->
+  base -> stage1 -> ...: each starts from the one before; only the lookup build is
+  restricted, so the base and later stages see every family."""
+  from visor_jax import reproduce
+  rc = _reproduce_config()
+  c = {s: reproduce.stage_config(rc, s, "/w") for s in
+       ("readout", "lookup", "base", "stage1", "stage2", "universal")}
+  assert [c[s].init_from for s in c] == ["", "/w/readout", "/w/lookup", "/w/base", "/w/stage1",
+                                         "/w/stage2"]
+  assert [c[s].data.pages_families for s in c] == ["", "fine", "", "", "", ""]
+  assert [c[s].data.pages_readout for s in c] == [True] + [False] * 5
+  assert c["lookup"].data.pages_turns == 1 and c["base"].data.pages_turns == rc.turns
+  assert {c[s].budgets for s in ("readout", "lookup", "base")} == {"all"}
+  assert sources.pages_params(c["lookup"].data)["families"] == ("fine",)
+  assert sources.pages_params(c["base"].data)["families"] == pages.FAMILIES
+
+
+@pytest.mark.slow
+def test_reproduction_runs_every_stage_and_resumes(tmp_path):
+  from visor_jax import reproduce
+  rc = _reproduce_config("scale=tiny")
   lines = []
   first = reproduce.reproduce(rc, str(tmp_path), print_fn=lines.append)
-  for stage in reproduce.STAGES:  # readout, base, ..., router
+  for stage in reproduce.STAGES:  # readout, lookup, base, ..., router
     assert os.path.exists(tmp_path / stage / reproduce.DONE), stage
   methods = {r["method"] for r in first["rows"]}
   assert methods == {"base", "fastv", "pyramiddrop", "visionzip", "visor", "router", "visor_tr",

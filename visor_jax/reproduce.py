@@ -7,7 +7,9 @@ rerun; an interrupted training stage resumes from its own checkpoint):
 
   readout/    from scratch, every layer self-attends, on 1 x 1 pages (one coloured digit):
               the LLM learns to read a digit from a visual token (pages.readout_example)
-  base/       the LLaVA-OV-style model: every layer self-attends (budget 'all'), from readout/
+  lookup/     the same model on full pages, `fine` questions only: it learns to find the one
+              coloured digit among ~30 white ones (with the other families mixed in, it did not)
+  base/       the LLaVA-OV-style model: every layer self-attends (budget 'all'), from lookup/
   stage1/     VISOR's new parts only (cross-attention, positional conv), maximal budget
   stage2/     everything, maximal budget
   universal/  every default feasible budget, sampled per step
@@ -58,7 +60,8 @@ CHANCE_DIGIT = 0.1
 def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
                  ) -> ml_collections.ConfigDict:
   """The training config of one stage (`training.config.pages` plus the stage's settings)."""
-  c = train_config.pages(rc.grid)
+  # lookup: one fine question per record (extra turns would bring the other families back).
+  c = train_config.pages(rc.grid, turns=1 if stage == "lookup" else rc.get("turns", 6))
   c.seed = rc.seed
   c.data.batch_size = rc.batch
   c.data.synthetic_sizes = dict(rc.sizes)
@@ -70,12 +73,13 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   c.eval_items = 0                     # the evaluate stage does the accuracy
   c.eval_batches = 4
   c.log_every = max(1, min(50, c.num_steps))
-  if stage in ("readout", "base"):
+  if stage in ("readout", "lookup", "base"):
     c.budgets = "all"
   c.data.pages_readout = stage == "readout"
+  c.data.pages_families = "fine" if stage == "lookup" else ""
   if stage != "readout":
-    c.init_from = paths.join(workdir, {"base": "readout", "stage1": "base", "stage2": "stage1",
-                                         "universal": "stage2"}[stage])
+    c.init_from = paths.join(workdir, {"lookup": "readout", "base": "lookup", "stage1": "base",
+                                         "stage2": "stage1", "universal": "stage2"}[stage])
   if stage == "stage1":
     c.optim.param_groups = train_config.GROUPS_STAGE1
     c.budgets = "maximal"
@@ -92,7 +96,8 @@ def data_dir(workdir: str) -> str:
   return sources.LOCAL_DATA_CACHE if paths.is_remote(workdir) else os.path.join(workdir, "data")
 
 
-STAGES = ("readout", "base", "stage1", "stage2", "universal", "search", "router")
+TRAINING_STAGES = ("readout", "lookup", "base", "stage1", "stage2", "universal")
+STAGES = TRAINING_STAGES + ("search", "router")
 
 
 def _stage(workdir: str, name: str, fn: Callable[[str], bool]) -> str:
@@ -292,7 +297,7 @@ def router_stage(rc, workdir: str) -> Callable[[str], bool]:
 def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = print) -> dict:
   """All stages (skipping finished ones), then results/ under the workdir; returns results."""
   paths.makedirs(workdir)
-  for stage in STAGES[:5]:  # the training stages
+  for stage in TRAINING_STAGES:
     _stage(workdir, stage, _train(stage_config(rc, stage, workdir)))
   _stage(workdir, "search", search_stage(rc, workdir))
   _stage(workdir, "router", router_stage(rc, workdir))

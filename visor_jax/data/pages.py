@@ -124,9 +124,30 @@ def slot(seed: int, split: str, index: int) -> tuple[str, int]:
   Stratified: each aligned run of STRATUM examples holds every (family, slot) pair once, in a
   seeded order, so families are exactly 25 % and digit answers exactly uniform per run of 40.
   """
-  rng = np.random.default_rng([seed, SPLITS.index(split), index // STRATUM, _STRATUM_TAG])
-  j = int(rng.permutation(STRATUM)[index % STRATUM])
+  j = int(_stratum(seed, split, index // STRATUM)[index % STRATUM])
   return FAMILIES[j % len(FAMILIES)], j // len(FAMILIES)
+
+
+def _stratum(seed: int, split: str, run: int) -> np.ndarray:
+  """The seeded order of the (family, slot) pairs j in run `run` of STRATUM examples."""
+  rng = np.random.default_rng([seed, SPLITS.index(split), run, _STRATUM_TAG])
+  return rng.permutation(STRATUM)
+
+
+def family_index(seed: int, split: str, index: int, families) -> int:
+  """The index, in the full split, of the `index`-th record whose family is in `families`.
+
+  A build restricted to some families (`pages_build`'s `families`: the reproduction's
+  `lookup` stage trains on `fine` alone) holds exactly the full split's records of those
+  families, in order, each with its own id: every run of STRATUM holds 10 of each family."""
+  families = tuple(families)
+  if not families or any(f not in FAMILIES for f in families):
+    raise ValueError(f"families={families}: expected a non-empty subset of {FAMILIES}")
+  per_run = len(families) * (STRATUM // len(FAMILIES))
+  run, k = divmod(index, per_run)
+  order = _stratum(seed, split, run)
+  picked = [i for i in range(STRATUM) if FAMILIES[order[i] % len(FAMILIES)] in families]
+  return run * STRATUM + picked[k]
 
 
 def max_blocks(grid: int) -> int:

@@ -30,10 +30,11 @@ class PagesConfig(tfds.core.BuilderConfig):
   read_turn: bool = False
   turns: int = 1
   readout: bool = False
+  families: tuple = pages.FAMILIES
 
 
 def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-                turns=1, readout=False) -> PagesConfig:
+                turns=1, readout=False, families=pages.FAMILIES) -> PagesConfig:
   sizes = {**pages.DEFAULT_SIZES, **(sizes or {})}
   if set(sizes) != set(SPLITS) or min(sizes.values()) < 0:
     raise ValueError(f"sizes must give counts >= 0 for splits {SPLITS}, got {sizes}")
@@ -44,9 +45,13 @@ def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
   else:
     name += (f"-grid{grid}" + ("-permuted" if permute_rows else "")
              + ("-read" if read_turn else "") + (f"-turns{turns}" if turns > 1 else ""))
+    families = tuple(str(f) for f in families)
+    pages.family_index(int(seed), "train", 0, families)  # validates the names
+    if families != pages.FAMILIES:
+      name += "-" + "+".join(families)
   return PagesConfig(name=name, seed=int(seed), sizes=tuple((s, int(sizes[s])) for s in SPLITS),
                      grid=int(grid), permute_rows=bool(permute_rows), read_turn=bool(read_turn),
-                     turns=int(turns), readout=bool(readout))
+                     turns=int(turns), readout=bool(readout), families=tuple(families))
 
 
 class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
@@ -54,13 +59,16 @@ class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.1.0")  # bump whenever generated content changes
   RELEASE_NOTES = {"1.0.0": "3-4 markers and 1-2 coloured digits per page.",
                    "1.1.0": "One marker and one coloured digit per page (fixed lookup keys)."}
+  # `families` (a subset build) adds no new content: same version.
 
   def _record(self, split, index):
     c = self.builder_config
     if c.readout:
       return pages.readout_example(c.seed, split, index)[0]
+    if c.families != pages.FAMILIES:  # the full split's records of these families, in order
+      index = pages.family_index(c.seed, split, index, c.families)
     return pages.generate_example(c.seed, split, index, c.grid, c.permute_rows, c.read_turn,
-                            c.turns)[0]
+                                  c.turns)[0]
 
 
 def _builder(data_dir, **params) -> VisorPagesVqa:
@@ -69,11 +77,12 @@ def _builder(data_dir, **params) -> VisorPagesVqa:
 
 
 def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-          turns=1, readout=False) -> str:
+          turns=1, readout=False, families=pages.FAMILIES) -> str:
   """Builds the dataset under `data_dir` unless present (idempotent); returns `data_dir`.
-  `readout`: the 1 x 1 readout variant (`readout_example`) instead of full pages."""
+  `readout`: the 1 x 1 readout variant (`readout_example`) instead of full pages;
+  `families`: only the records of these families (`pages.family_index`)."""
   builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
-                     read_turn=read_turn, turns=turns, readout=readout)
+                     read_turn=read_turn, turns=turns, readout=readout, families=families)
   if not builder.is_prepared():  # nothing to download; never ask GCS for a prebuilt copy
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -81,10 +90,10 @@ def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn
 
 
 def records(split, data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False,
-            read_turn=False, turns=1, readout=False) -> Records:
+            read_turn=False, turns=1, readout=False, families=pages.FAMILIES) -> Records:
   """The built `split` (same parameters as `build`); raises if it was never built."""
   builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
-                     read_turn=read_turn, turns=turns, readout=readout)
+                     read_turn=read_turn, turns=turns, readout=readout, families=families)
   if not builder.is_prepared():
     raise FileNotFoundError(f"{builder.data_dir} is not built; call pages_build.build() first")
   return Records(builder.as_data_source(split=split))

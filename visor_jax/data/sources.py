@@ -14,7 +14,7 @@ import ml_collections
 
 from visor_jax import paths
 from visor_jax.config_lib import ModelConfig
-from visor_jax.data import pages_build, pipeline, preprocess, synthetic
+from visor_jax.data import pages, pages_build, pipeline, preprocess, synthetic
 from visor_jax.data.tokenizer import Tokenizer
 
 SOURCES = ("synthetic", "pages", "json")
@@ -49,9 +49,11 @@ def synthetic_params(data: ml_collections.ConfigDict) -> dict:
 def pages_params(data: ml_collections.ConfigDict) -> dict:
   """The generation parameters of the pages dataset a `config.data` describes (it shares
   `synthetic_dir`, `synthetic_seed` and `synthetic_sizes`; builds never collide on disk)."""
+  families = data.get("pages_families", "")
   return dict(seed=data.synthetic_seed, sizes=dict(data.synthetic_sizes),
               grid=data.get("pages_grid", 8), read_turn=data.get("pages_read_turn", False),
-              turns=data.get("pages_turns", 1), readout=data.get("pages_readout", False))
+              turns=data.get("pages_turns", 1), readout=data.get("pages_readout", False),
+              families=tuple(families.split(",")) if families else pages.FAMILIES)
 
 
 def question_format(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -57,6 +57,8 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
                                     # supervision per image; see data/pages.py)
       pages_readout=False,          # source='pages': 1 x 1 pages, one coloured digit each
                                     # (learn to read a visual token first; the readout stage)
+      pages_families="",            # source='pages': train on these families only ('fine' or
+                                    # 'fine,coarse'; '' all): the reproduction's lookup stage
       batch_size=8,                 # per host
       text_buckets=(128,),          # static text lengths; each batch uses one
       max_visual=0,                 # 0 → the model's largest AnyRes token count
