@@ -70,6 +70,8 @@ def test_stages_chain_readout_lookup_base_and_only_lookup_filters_families():
   assert [c[s].data.pages_readout for s in c] == [True] + [False] * 5
   assert c["lookup"].data.pages_turns == 1 and c["base"].data.pages_turns == rc.turns
   assert {c[s].budgets for s in ("readout", "lookup", "base")} == {"all"}
+  assert (c["stage1"].budgets, c["stage2"].budgets) == ("default", "maximal") == (
+      rc.stage1_budgets, "maximal")
   assert sources.pages_params(c["lookup"].data)["families"] == ("fine",)
   assert sources.pages_params(c["base"].data)["families"] == pages.FAMILIES
 

@@ -82,7 +82,7 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
                                          "stage2": "stage1", "universal": "stage2"}[stage])
   if stage == "stage1":
     c.optim.param_groups = train_config.GROUPS_STAGE1
-    c.budgets = "maximal"
+    c.budgets = rc.get("stage1_budgets", "maximal")
   elif stage == "stage2":
     c.budgets = "maximal"
   elif stage == "universal":
