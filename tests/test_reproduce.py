@@ -73,6 +73,9 @@ def test_stages_chain_readout_lookup_base_and_only_lookup_filters_families():
   assert (c["stage1"].budgets, c["stage2"].budgets) == ("default", "maximal") == (
       rc.stage1_budgets, "maximal")
   assert sources.pages_params(c["lookup"].data)["families"] == ("fine",)
+  tr = reproduce.stage_config(rc, reproduce.visor_tr_stage(0.25), "/w")
+  assert (tr.visor_tr_keep, tr.init_from, tr.num_steps) == (0.25, "/w/universal",
+                                                           rc.steps.visor_tr)
   assert sources.pages_params(c["base"].data)["families"] == pages.FAMILIES
 
 
@@ -82,7 +85,7 @@ def test_reproduction_runs_every_stage_and_resumes(tmp_path):
   rc = _reproduce_config("scale=tiny")
   lines = []
   first = reproduce.reproduce(rc, str(tmp_path), print_fn=lines.append)
-  for stage in reproduce.STAGES:  # readout, lookup, base, ..., router
+  for stage in reproduce.STAGES + ("visor_tr_50",):  # readout, lookup, base, ..., router
     assert os.path.exists(tmp_path / stage / reproduce.DONE), stage
   methods = {r["method"] for r in first["rows"]}
   assert methods == {"base", "fastv", "pyramiddrop", "visionzip", "visor", "router", "visor_tr",

@@ -15,6 +15,7 @@ rerun; an interrupted training stage resumes from its own checkpoint):
   universal/  every default feasible budget, sampled per step
   search/     every SA subset on validation items -> feasible.json (the Pareto frontier)
   router/     the router on pseudo-labels over the feasible budgets
+  visor_tr_50/, visor_tr_25/  the universal model fine-tuned with its visual tokens pooled 2x / 4x
   evaluate/   every method on the test split, the controls; then results/ (evaluation/report.py)
 
 The stages share one copy of the data (<workdir>/data; with a gs:// workdir, the local data
@@ -66,8 +67,9 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   c.data.batch_size = rc.batch
   c.data.synthetic_sizes = dict(rc.sizes)
   c.data.synthetic_dir = data_dir(workdir)
-  c.num_steps = rc.steps[stage]
-  c.optim.lr = rc.lr[stage]
+  kind = "visor_tr" if stage.startswith("visor_tr_") else stage
+  c.num_steps = rc.steps[kind]
+  c.optim.lr = rc.lr[kind]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, c.num_steps // 10))
   c.ckpt_every = max(1, min(200, c.num_steps))
   c.eval_items = 0                     # the evaluate stage does the accuracy
@@ -79,7 +81,8 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   c.data.pages_families = "fine" if stage == "lookup" else ""
   if stage != "readout":
     c.init_from = paths.join(workdir, {"lookup": "readout", "base": "lookup", "stage1": "base",
-                                         "stage2": "stage1", "universal": "stage2"}[stage])
+                                         "stage2": "stage1", "universal": "stage2",
+                                         "visor_tr": "universal"}[kind])
   if stage == "stage1":
     c.optim.param_groups = train_config.GROUPS_STAGE1
     c.budgets = rc.get("stage1_budgets", "maximal")
@@ -87,7 +90,15 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
     c.budgets = "maximal"
   elif stage == "universal":
     c.budgets = "default"
+  elif kind == "visor_tr":  # the universal model fine-tuned with its visual tokens pooled
+    c.budgets = "default"
+    c.visor_tr_keep = int(stage.rsplit("_", 1)[1]) / 100
   return c
+
+
+def visor_tr_stage(keep: float) -> str:
+  """The stage that trains VISOR-TR at `keep` (0.5 -> 'visor_tr_50')."""
+  return f"visor_tr_{round(keep * 100)}"
 
 
 def data_dir(workdir: str) -> str:
@@ -235,12 +246,12 @@ def evaluate_all(rc, workdir: str, out_dir: str, print_fn: Callable = print) -> 
                            answer_token_kept=answer_token_kept(base, rc, items, red,
                                                                rc.eval_batch)))
 
-  # VISOR: the feasible budgets, the router, VISOR-TR (on the router run's weights).
+  # VISOR: the feasible budgets, the router; VISOR-TR (each ratio its own fine-tuned run).
   visor = serving.Assistant(runs.load_run(paths.join(workdir, "router")))
   fixed = [list(b) for b in budgets_lib.default_feasible(visor.cfg)]
   fixed += [list(b) for b in visor.cfg.router.feasible if list(b) not in fixed]
   s_visor = eval_main.evaluate(visor, items, paths.join(out_dir, "visor"), layer_sets=fixed,
-                               router=True, reductions=visor_tr, **kw)
+                               router=True, **kw)
   hist = {}
   for r in s_visor["runs"]:
     if r["kind"] == "fixed":
@@ -250,9 +261,13 @@ def evaluate_all(rc, workdir: str, out_dir: str, print_fn: Callable = print) -> 
       rows.append(report.row("router", f"threshold {visor.cfg.router.threshold:g}", r,
                              families, base_row))
       hist = report.router_histogram(r, list(families))
-    else:
-      rows.append(report.row("visor_tr", r["label"], r, families, base_row,
-                             sa_layers=r["sa_layers"]))
+  for red in visor_tr:  # at the maximal budget, on the run fine-tuned at this ratio
+    name = visor_tr_stage(red.keep)
+    tr_run = serving.Assistant(runs.load_run(paths.join(workdir, name)))
+    r, = eval_main.evaluate_reductions(tr_run, items, paths.join(out_dir, name), [red],
+                                       batch_size=rc.eval_batch, max_new_tokens=4)
+    rows.append(report.row("visor_tr", r["label"] + " (trained)", r, families, base_row,
+                           sa_layers=r["sa_layers"]))
 
   # Controls: the blind baseline; the permuted layout (labels re-derived).
   blind = question_only(rc, workdir, items)
@@ -301,10 +316,14 @@ def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = 
     _stage(workdir, stage, _train(stage_config(rc, stage, workdir)))
   _stage(workdir, "search", search_stage(rc, workdir))
   _stage(workdir, "router", router_stage(rc, workdir))
+  for red in eval_main._reductions(rc.visor_tr):
+    name = visor_tr_stage(red.keep)
+    _stage(workdir, name, _train(stage_config(rc, name, workdir)))
   out_dir = paths.join(workdir, "evaluate")
   start = time.time()
   results = evaluate_all(rc, workdir, out_dir, print_fn)
-  seconds = {s: _seconds(workdir, s) for s in STAGES}
+  seconds = {s: _seconds(workdir, s) for s in STAGES + tuple(
+      visor_tr_stage(r.keep) for r in eval_main._reductions(rc.visor_tr))}
   seconds["evaluate"] = time.time() - start
   results["config"] = rc.to_dict()
   results["seconds"] = seconds
