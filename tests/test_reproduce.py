@@ -73,7 +73,7 @@ def test_stages_chain_readout_lookup_base_and_only_lookup_filters_families():
   assert (c["stage1"].budgets, c["stage2"].budgets) == ("default", "maximal") == (
       rc.stage1_budgets, "maximal")
   assert sources.pages_params(c["lookup"].data)["families"] == ("fine",)
-  tr = reproduce.stage_config(rc, reproduce.visor_tr_stage(0.25), "/w")
+  tr = reproduce.stage_config(rc, "visor_tr_25", "/w")
   assert (tr.visor_tr_keep, tr.init_from, tr.num_steps) == (0.25, "/w/universal",
                                                            rc.steps.visor_tr)
   assert sources.pages_params(c["base"].data)["families"] == pages.FAMILIES

@@ -62,7 +62,7 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
                  ) -> ml_collections.ConfigDict:
   """The training config of one stage (`training.config.pages` plus the stage's settings)."""
   # lookup: one fine question per record (extra turns would bring the other families back).
-  c = train_config.pages(rc.grid, turns=1 if stage == "lookup" else rc.get("turns", 6))
+  c = train_config.pages(rc.grid, turns=1 if stage == "lookup" else rc.turns)
   c.seed = rc.seed
   c.data.batch_size = rc.batch
   c.data.synthetic_sizes = dict(rc.sizes)
@@ -85,20 +85,20 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
                                          "visor_tr": "universal"}[kind])
   if stage == "stage1":
     c.optim.param_groups = train_config.GROUPS_STAGE1
-    c.budgets = rc.get("stage1_budgets", "maximal")
+    c.budgets = rc.stage1_budgets
   elif stage == "stage2":
     c.budgets = "maximal"
   elif stage == "universal":
     c.budgets = "default"
   elif kind == "visor_tr":  # the universal model fine-tuned with its visual tokens pooled
     c.budgets = "default"
-    c.visor_tr_keep = int(stage.rsplit("_", 1)[1]) / 100
+    c.visor_tr_keep = visor_tr_stages(rc)[stage].keep
   return c
 
 
-def visor_tr_stage(keep: float) -> str:
-  """The stage that trains VISOR-TR at `keep` (0.5 -> 'visor_tr_50')."""
-  return f"visor_tr_{round(keep * 100)}"
+def visor_tr_stages(rc) -> dict[str, tr.Reduction]:
+  """The VISOR-TR training stages: name ('visor_tr_50' for keep 0.5) -> its reduction."""
+  return {f"visor_tr_{round(r.keep * 100)}": r for r in eval_main._reductions(rc.visor_tr)}
 
 
 def data_dir(workdir: str) -> str:
@@ -230,7 +230,6 @@ def evaluate_all(rc, workdir: str, out_dir: str, print_fn: Callable = print) -> 
   items = test_items(rc, workdir)
   families = families_with_chance(rc, items)
   peers = eval_main._reductions(rc.peers)
-  visor_tr = eval_main._reductions(rc.visor_tr)
   kw = dict(batch_size=rc.eval_batch, max_new_tokens=4, print_fn=print_fn)
 
   # The base model and the token-reduction peers on it.
@@ -261,8 +260,7 @@ def evaluate_all(rc, workdir: str, out_dir: str, print_fn: Callable = print) -> 
       rows.append(report.row("router", f"threshold {visor.cfg.router.threshold:g}", r,
                              families, base_row))
       hist = report.router_histogram(r, list(families))
-  for red in visor_tr:  # at the maximal budget, on the run fine-tuned at this ratio
-    name = visor_tr_stage(red.keep)
+  for name, red in visor_tr_stages(rc).items():  # maximal budget, the run tuned at this ratio
     tr_run = serving.Assistant(runs.load_run(paths.join(workdir, name)))
     r, = eval_main.evaluate_reductions(tr_run, items, paths.join(out_dir, name), [red],
                                        batch_size=rc.eval_batch, max_new_tokens=4)
@@ -316,14 +314,12 @@ def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = 
     _stage(workdir, stage, _train(stage_config(rc, stage, workdir)))
   _stage(workdir, "search", search_stage(rc, workdir))
   _stage(workdir, "router", router_stage(rc, workdir))
-  for red in eval_main._reductions(rc.visor_tr):
-    name = visor_tr_stage(red.keep)
+  for name in visor_tr_stages(rc):
     _stage(workdir, name, _train(stage_config(rc, name, workdir)))
   out_dir = paths.join(workdir, "evaluate")
   start = time.time()
   results = evaluate_all(rc, workdir, out_dir, print_fn)
-  seconds = {s: _seconds(workdir, s) for s in STAGES + tuple(
-      visor_tr_stage(r.keep) for r in eval_main._reductions(rc.visor_tr))}
+  seconds = {s: _seconds(workdir, s) for s in STAGES + tuple(visor_tr_stages(rc))}
   seconds["evaluate"] = time.time() - start
   results["config"] = rc.to_dict()
   results["seconds"] = seconds

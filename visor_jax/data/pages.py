@@ -134,15 +134,21 @@ def _stratum(seed: int, split: str, run: int) -> np.ndarray:
   return rng.permutation(STRATUM)
 
 
+def check_families(families) -> tuple[str, ...]:
+  """`families` as a tuple of names; an error unless it is a non-empty subset of FAMILIES."""
+  families = tuple(str(f) for f in families)
+  if not families or any(f not in FAMILIES for f in families):
+    raise ValueError(f"families={families}: expected a non-empty subset of {FAMILIES}")
+  return families
+
+
 def family_index(seed: int, split: str, index: int, families) -> int:
   """The index, in the full split, of the `index`-th record whose family is in `families`.
 
   A build restricted to some families (`pages_build`'s `families`: the reproduction's
   `lookup` stage trains on `fine` alone) holds exactly the full split's records of those
   families, in order, each with its own id: every run of STRATUM holds 10 of each family."""
-  families = tuple(families)
-  if not families or any(f not in FAMILIES for f in families):
-    raise ValueError(f"families={families}: expected a non-empty subset of {FAMILIES}")
+  families = check_families(families)
   per_run = len(families) * (STRATUM // len(FAMILIES))
   run, k = divmod(index, per_run)
   order = _stratum(seed, split, run)

@@ -45,8 +45,7 @@ def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
   else:
     name += (f"-grid{grid}" + ("-permuted" if permute_rows else "")
              + ("-read" if read_turn else "") + (f"-turns{turns}" if turns > 1 else ""))
-    families = tuple(str(f) for f in families)
-    pages.family_index(int(seed), "train", 0, families)  # validates the names
+    families = pages.check_families(families)
     if families != pages.FAMILIES:
       name += "-" + "+".join(families)
   return PagesConfig(name=name, seed=int(seed), sizes=tuple((s, int(sizes[s])) for s in SPLITS),
@@ -111,13 +110,7 @@ def main(argv=None):
   params = dict(seed=a.seed, sizes={s: getattr(a, s) for s in SPLITS}, grid=a.grid,
                 permute_rows=a.permute_rows)
   build(a.data_dir, **params)
-  for s in SPLITS:
-    if params["sizes"][s]:
-      recs = records(s, a.data_dir, **params)
-      print(f"{s}: {len(recs)} examples")
-      for r in recs[:4]:
-        q = r["conversations"][0]["value"].replace("\n", " ")
-        print(f"  [{r['family']}/{r['kind']}] {q} -> {r['answer']}")
+  synthetic.print_examples(records, a.data_dir, params, per_split=4)
 
 
 if __name__ == "__main__":

@@ -384,6 +384,18 @@ def records(split, data_dir, *, seed=0, sizes=None, min_side=768, max_side=1536)
   return Records(builder.as_data_source(split=split))
 
 
+def print_examples(records_fn, data_dir, params: dict, per_split: int):
+  """Each non-empty split's size and its first questions (a built dataset's command output);
+  `records_fn` is a dataset module's `records`."""
+  for s in SPLITS:
+    if params["sizes"][s]:
+      recs = records_fn(s, data_dir, **params)
+      print(f"{s}: {len(recs)} examples")
+      for r in recs[:per_split]:
+        q = r["conversations"][0]["value"].replace("\n", " ")
+        print(f"  [{r['family']}/{r['kind']}] {q} -> {r['answer']}")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data_dir", required=True)
@@ -396,13 +408,7 @@ def main(argv=None):
   params = dict(seed=a.seed, sizes={s: getattr(a, s) for s in SPLITS},
                 min_side=a.min_side, max_side=a.max_side)
   build(a.data_dir, **params)
-  for s in SPLITS:
-    if params["sizes"][s]:
-      recs = records(s, a.data_dir, **params)
-      print(f"{s}: {len(recs)} examples")
-      for r in recs[:3]:
-        q = r["conversations"][0]["value"].replace("\n", " ")
-        print(f"  [{r['family']}/{r['kind']}] {q} -> {r['answer']}")
+  print_examples(records, a.data_dir, params, per_split=3)
 
 
 if __name__ == "__main__":
