@@ -13,6 +13,10 @@ once per (batch shape, budget): unrolled over the layers with per-layer weights,
 reads each weight once and copies none. The router runs on the
 whole batch first (`LlavaOnevision.route`: vision tower + the layers before the first SA
 candidate), and the groups reuse its packed visual tokens, so the tower runs once.
+
+Prefill and decode step through the same layer body as the training forward
+(`models/visor_layer.py`): they differ only in what they keep (prefill the keys/values) and
+what they attend to (decode: the cache).
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from flax import nnx
 
 from visor_jax import budgets, distributed
 from visor_jax.models.llava_onevision import LlavaOnevision
-from visor_jax.models.nn import Mask
 from visor_jax.models.router import last_prompt_index
+from visor_jax.models.visor_layer import Past, Streams, visor_layer
 
 Array = jax.Array
 
@@ -58,15 +62,11 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
   dec, cfg = model.decoder, model.cfg
   t = model.embed[...][inputs["tokens"]].astype(model.dtype)
   v = dec.pos_conv(vis, inputs["vis_valid"]) if dec.pos_conv is not None else vis
-  text_pos, vis_pos = inputs["text_pos"], inputs["vis_pos"]
-  text_valid, vis_valid = inputs["text_valid"], inputs["vis_valid"]
+  streams = Streams(inputs["text_pos"], inputs["vis_pos"], inputs["text_valid"],
+                    inputs["vis_valid"])
   b, n = v.shape[:2]
-  all_pos = jnp.concatenate([vis_pos, text_pos], axis=1)
-  all_valid = jnp.concatenate([vis_valid, text_valid], axis=1)
-  text_mask = Mask(text_valid, text_pos, text_pos, causal=True)
-  full_mask = Mask(all_valid, all_pos, all_pos, causal=True)
   kv_shape = (b, n, cfg.text.num_kv_heads, cfg.text.head_dim)
-  zeros = lambda count: jnp.zeros((count, *kv_shape), t.dtype)
+  zeros = lambda count: jnp.zeros((count, *kv_shape), t.dtype)  # noqa: E731
   layer_def, layer_state = nnx.split(dec.layers)
   if dec.cross is not None:
     cross_def, cross_state = nnx.split(dec.cross)
@@ -74,25 +74,23 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
   def body(carry, xs):
     st, bit, is_ca, ca_module, ca_slot, sa_slot = xs
     layer = nnx.merge(layer_def, st)
+    cross = None if not num_ca else (
+        lambda: nnx.merge(cross_def, jax.tree.map(lambda a: a[ca_module], cross_state)))
 
     def sa(c):
       t, v, vk, vv, ck, cv = c
-      x, k, val = layer.with_kv(jnp.concatenate([v, t], axis=1), all_pos, full_mask)
-      vk, vv = vk.at[sa_slot].set(k[:, :n]), vv.at[sa_slot].set(val[:, :n])
-      return (x[:, n:], x[:, :n], vk, vv, ck, cv), (k[:, n:], val[:, n:])
+      t, v, kv = visor_layer(layer, cross, t, v, streams, sa=True, ca=False,
+                             impl=cfg.attention_impl)
+      return (t, v, vk.at[sa_slot].set(kv.vis[0]), vv.at[sa_slot].set(kv.vis[1]), ck, cv), kv.text
 
     def text(c):
       t, v, vk, vv, ck, cv = c
-      if num_ca:
-        def with_ca(ops):
-          t, ck, cv = ops
-          ca = nnx.merge(cross_def, jax.tree.map(lambda a: a[ca_module], cross_state))
-          k, val = ca.visual_kv(v, vis_pos)
-          t = t + ca.read(t, k, val, text_pos, vis_pos, vis_valid, cfg.attention_impl)
-          return t, ck.at[ca_slot].set(k), cv.at[ca_slot].set(val)
-        t, ck, cv = jax.lax.cond(is_ca, with_ca, lambda ops: ops, (t, ck, cv))
-      x, k, val = layer.with_kv(t, text_pos, text_mask)
-      return (x, v, vk, vv, ck, cv), (k, val)
+      t, v, kv = visor_layer(layer, cross, t, v, streams, sa=False, ca=is_ca,
+                             impl=cfg.attention_impl)
+      if num_ca:  # a layer that did not cross-attend leaves the CA caches as they were
+        ck = ck.at[ca_slot].set(jnp.where(is_ca, kv.ca[0], ck[ca_slot]))
+        cv = cv.at[ca_slot].set(jnp.where(is_ca, kv.ca[1], cv[ca_slot]))
+      return (t, v, vk, vv, ck, cv), kv.text
 
     if not num_sa:  # static: no layer of this budget self-attends (and empty caches)
       return text(carry)
@@ -106,7 +104,7 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
   # One array per layer: decode_step reads (and updates) each layer's own.
   cache = dict(text_k=list(jnp.pad(tk, pad)), text_v=list(jnp.pad(tv, pad)), vis_k=list(vk),
                vis_v=list(vv), ca_k=list(ck), ca_v=list(cv))
-  last = t[jnp.arange(b), last_prompt_index(text_valid)]
+  last = t[jnp.arange(b), last_prompt_index(streams.text_valid)]
   return model.logits(dec.norm(last)[:, None])[:, 0], cache
 
 
@@ -127,32 +125,24 @@ def decode_step(model: LlavaOnevision, layers: Sequence, cross: Sequence, token:
   dec, cfg = model.decoder, model.cfg
   tables = _layer_tables(cfg, np.asarray(row, bool))
   x = model.embed[...][token][:, None].astype(model.dtype)
-  pos1 = pos[:, None]
   b, t_max = cache["text_k"][0].shape[:2]
+  streams = Streams(pos[:, None], vis_pos, jnp.ones((b, 1), bool), vis_valid)
   past_text = jnp.arange(t_max)[None, :] < index[:, None]           # bool[B, T_max]
-  new = jnp.ones((b, 1), bool)
   layer_def = nnx.graphdef(dec.layers)
   cross_def = nnx.graphdef(dec.cross) if dec.cross is not None else None
   rows = jnp.arange(b)
   text_k, text_v = list(cache["text_k"]), list(cache["text_v"])
   for l in range(cfg.num_layers):
-    layer = nnx.merge(layer_def, layers[l])
-    tk, tv = text_k[l], text_v[l]
-    if tables["bits"][l]:
-      slot = int(tables["sa_slot"][l])
-      past = (jnp.concatenate([cache["vis_k"][slot], tk], axis=1),
-              jnp.concatenate([cache["vis_v"][slot], tv], axis=1))
-      valid = jnp.concatenate([vis_valid, past_text, new], axis=1)
-      x, k, v = layer.with_kv(x, pos1, Mask(valid, pos1), past)
-    else:
-      if tables["is_ca"][l]:
-        ca = nnx.merge(cross_def, cross[int(tables["ca_module"][l])])
-        slot = int(tables["ca_slot"][l])
-        x = x + ca.read(x, cache["ca_k"][slot], cache["ca_v"][slot], pos1, vis_pos, vis_valid,
-                        cfg.attention_impl)
-      valid = jnp.concatenate([past_text, new], axis=1)
-      x, k, v = layer.with_kv(x, pos1, Mask(valid, pos1), (tk, tv))
-    text_k[l], text_v[l] = tk.at[rows, index].set(k[:, 0]), tv.at[rows, index].set(v[:, 0])
+    sa, ca = bool(tables["bits"][l]), bool(tables["is_ca"][l])
+    sa_slot, ca_slot = int(tables["sa_slot"][l]), int(tables["ca_slot"][l])
+    past = Past(text=(text_k[l], text_v[l]), text_valid=past_text,
+                vis=(cache["vis_k"][sa_slot], cache["vis_v"][sa_slot]) if sa else None,
+                ca=(cache["ca_k"][ca_slot], cache["ca_v"][ca_slot]) if ca else None)
+    cross_module = lambda m=int(tables["ca_module"][l]): nnx.merge(cross_def, cross[m])  # noqa: E731
+    x, _, kv = visor_layer(nnx.merge(layer_def, layers[l]), cross_module, x, None, streams,
+                           sa=sa, ca=ca, impl=cfg.attention_impl, past=past)
+    text_k[l] = text_k[l].at[rows, index].set(kv.text[0][:, 0])
+    text_v[l] = text_v[l].at[rows, index].set(kv.text[1][:, 0])
   return model.logits(dec.norm(x))[:, 0], {**cache, "text_k": text_k, "text_v": text_v}
 
 

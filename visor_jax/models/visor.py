@@ -14,7 +14,8 @@ per-sample budgets give each sample exactly what it would get alone.
 
 V and T are kept as two streams in any array order; causality comes from the original position
 ids (`nn.Mask`), so "every layer SA" with the new parts at their zero init is exactly
-LLaVA-OV.
+LLaVA-OV. The layer itself (SA, or CA + text, or text) is `visor_layer.visor_layer`, which
+prefill and decode run too.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from visor_jax.config_lib import ModelConfig, TextConfig
 from visor_jax.models.nn import Mask, RMSNorm, attention
 from visor_jax.models.qwen2 import Qwen2Attention, Qwen2Layer
 from visor_jax.models.router import Router, choose, last_prompt_index
+from visor_jax.models.visor_layer import Streams, visor_layer
 
 Array = jax.Array
 
@@ -175,13 +177,11 @@ class VisorDecoder(nnx.Module):
     """
     cfg = self.cfg
     impl = cfg.attention_impl
-    n_text = text.shape[1]
     ca_slot = np.zeros(cfg.num_layers, np.int32)
     ca_slot[list(cfg.visor.ca_layers)] = np.arange(len(cfg.visor.ca_layers))
     is_ca = np.zeros(cfg.num_layers, bool)
     is_ca[list(cfg.visor.ca_layers)] = True
-    all_pos = jnp.concatenate([vis_pos, text_pos], axis=1)
-    all_valid = jnp.concatenate([vis_valid, text_valid], axis=1)
+    streams = Streams(text_pos, vis_pos, text_valid, vis_valid)
     static = unroll
     if unroll:
       try:
@@ -195,40 +195,24 @@ class VisorDecoder(nnx.Module):
     if self.cross is not None:
       cross_def, cross_state = nnx.split(self.cross)
 
-    def text_path(layer, t, v, l_is_ca, l_ca_slot):
-      if self.cross is not None:
-        def with_ca(t):
-          ca = nnx.merge(cross_def, jax.tree.map(lambda a: a[l_ca_slot], cross_state))
-          return t + ca(t, v, text_pos, vis_pos, vis_valid, impl)
-        if static:
-          t = with_ca(t) if l_is_ca else t
-        else:
-          t = jax.lax.cond(l_is_ca, with_ca, lambda t: t, t)
-      return layer(t, text_pos, Mask(text_valid, text_pos, text_pos, causal=True))
-
-    def sa_path(layer, t, v):
-      x = layer(jnp.concatenate([v, t], axis=1), all_pos,
-                Mask(all_valid, all_pos, all_pos, causal=True))
-      return x[:, -n_text:], x[:, :-n_text]
-
     def body(carry, xs):
       t, v = (sharding.constrain_batch(a) for a in carry)  # batch-split, not width-split
       layer_state_l, bits, l_is_ca, l_ca_slot = xs
       layer = nnx.merge(layer_def, layer_state_l)
+      cross = None if self.cross is None else (
+          lambda: nnx.merge(cross_def, jax.tree.map(lambda a: a[l_ca_slot], cross_state)))
 
-      def none_sa(t, v):
-        return text_path(layer, t, v, l_is_ca, l_ca_slot), v
+      def path(sa):  # one VISOR layer (`visor_layer.py`), SA on or off for the whole batch
+        return lambda t, v: visor_layer(layer, cross, t, v, streams, sa=sa, ca=l_is_ca,
+                                        impl=impl)[:2]
 
-      def all_sa(t, v):
-        return sa_path(layer, t, v)
-
-      def mixed(t, v):
-        t_text = text_path(layer, t, v, l_is_ca, l_ca_slot)
-        t_sa, v_sa = sa_path(layer, t, v)
+      def mixed(t, v):  # both paths, then each sample takes its own
+        t_text, _ = path(False)(t, v)
+        t_sa, v_sa = path(True)(t, v)
         on = bits[:, None, None]
         return jnp.where(on, t_sa, t_text), jnp.where(on, v_sa, v)
 
-      branches = [none_sa, all_sa, mixed]
+      branches = [path(False), path(True), mixed]
       if static:
         return branches[1 if bits.all() else 2 if bits.any() else 0](t, v), None
       mode = jnp.where(jnp.all(bits), 1, jnp.where(jnp.any(bits), 2, 0))
