@@ -166,6 +166,12 @@ def llava_ov_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int,
 # ---------------------------------------------------------------------------------------------
 # XLA cross-check.
 
+def counted_attention(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with the 'xla' attention: the blockwise and splash kernels loop over blocks, and XLA's
+  cost analysis counts a loop body once; 'xla' does the same matmuls in one op each."""
+  return dataclasses.replace(cfg, attention_impl="xla")
+
+
 def xla_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_text: int,
                       sa_layers: Sequence[int]) -> float:
   """`cost_analysis()['flops']` of the compiled forward under a STATIC budget.
@@ -192,6 +198,7 @@ def xla_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: int, num_
     raise ValueError(f"xla_forward_flops: the vision tower runs {vision_depth(cfg)} layers in a "
                      "lax.scan, whose body XLA's cost analysis counts once; use a config with "
                      "vision.num_layers=1 (or feature_layer=1).")
+  cfg = counted_attention(cfg)
   model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   budget = budgets.mask(cfg, sa_layers, batch=1)  # a constant of the program, not an argument
@@ -297,6 +304,7 @@ def xla_reduced_forward_flops(cfg: ModelConfig, *, num_crops: int, num_visual: i
   if vision_depth(cfg) > 1:
     raise ValueError(f"xla_reduced_forward_flops: the vision tower runs {vision_depth(cfg)} "
                      "layers in a lax.scan (counted once by XLA); use a depth-1 tower.")
+  cfg = counted_attention(cfg)
   model = nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   budget = None

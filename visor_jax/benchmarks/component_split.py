@@ -16,7 +16,7 @@ Same geometry and flags as `forward_speed` (LLaVA-OV 0.5B widths, `--layers` LLM
 float32, random weights). Timings: median of `--repeats` undisturbed runs after a warm-up,
 every part of both frameworks interleaved in one group. About 2 minutes on 2 cores.
 
-Run: python -m visor_jax.benchmarks.component_split [--attention_impl=xla|blockwise]
+Run: python -m visor_jax.benchmarks.component_split [--attention_impl=blockwise|xla]
      [--layers=6] [--vision_layers=4] [--repeats=3]
 """
 from __future__ import annotations
