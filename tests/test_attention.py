@@ -207,3 +207,85 @@ def test_flops_cross_checks_count_with_xla_attention():
   for impl in (None, "blockwise", "splash"):
     assert flops.counted_attention(dataclasses.replace(cfg, attention_impl=impl)
                                    ).attention_impl == "xla"
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+  """The tiny model twice, same weights: reference attention, and blockwise (with
+  `small_blocks`: 8-token blocks, so the short test sequences span many blocks)."""
+  return tiny_models_and_samples(("xla", "blockwise"))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+  monkeypatch.setattr(bw, "Q_BLOCK", 8)
+  monkeypatch.setattr(bw, "K_BLOCK", 8)
+  monkeypatch.setattr(bw, "FULL_BLOCK", 8)
+
+
+def test_tiny_model_logits_blockwise_equal_reference(tiny_pair, small_blocks):
+  """Mixed per-sample budget: all SA, CA only, SA on {1, 4} — SA over [V; T], CA, text-only
+  layers and the SigLIP tower all go through the selected implementation."""
+  cfg, models, samples = tiny_pair
+  batch = inputs_lib.collate(samples)
+  budget = np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg), budgets.mask(cfg, [1, 4])])
+  logits = {impl: np.asarray(nnx.jit(lambda m, x, b: m(x, b))(m, batch, budget))
+            for impl, m in models.items()}
+  np.testing.assert_allclose(logits["blockwise"], logits["xla"], atol=ATOL, rtol=0)
+
+
+def test_tiny_model_gradients_blockwise_equal_reference(tiny_pair, small_blocks):
+  """Parameter gradients through the layer scan and the per-layer budget switch."""
+  cfg, models, samples = tiny_pair
+  batch = inputs_lib.collate(samples)
+  budget = np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg), budgets.mask(cfg, [1, 4])])
+  w = np.random.default_rng(0).normal(size=(3, batch["tokens"].shape[1], cfg.text.vocab_size))
+
+  def grads(model):
+    graphdef, state = nnx.split(model)
+    loss = lambda st: jnp.sum(nnx.merge(graphdef, st)(batch, budget) * w)
+    return jax.tree.leaves(jax.jit(jax.grad(loss))(state))
+
+  for a, b in zip(grads(models["blockwise"]), grads(models["xla"])):
+    # Relative to each leaf's scale (float32 sums over vocab x tokens reach ~1e4), with a
+    # floor for leaves that are zero up to rounding.
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a), b, atol=ATOL * np.abs(b).max() + 1e-6, rtol=0)
+
+
+def test_tiny_model_decode_blockwise_equals_reference(tiny_pair, small_blocks):
+  """Prefill and two cached decode steps (inference/generate.py) give the same logits."""
+  cfg, models, samples = tiny_pair
+  x = inputs_lib.collate(samples[:2])
+  row = budgets.mask(cfg, [1])[0]
+  tables = {k: jnp.asarray(v) for k, v in _layer_tables(cfg, row).items()}
+  num_ca = int(_layer_tables(cfg, row)["is_ca"].sum())
+  text_len = x["text_valid"].sum(axis=1).astype(np.int32)
+  last = np.maximum(x["text_pos"][np.arange(2), text_len - 1],
+                    np.max(np.where(x["vis_valid"], x["vis_pos"], -1), axis=1))
+  out = {}
+  for impl, model in models.items():
+    gen = Generator(model)
+    vis = gen._visual(gen.state, x)
+    logits, cache = gen._prefill(gen.state, x, vis, tables, 1, num_ca, x["tokens"].shape[1] + 2)
+    steps = [np.asarray(logits)]
+    for i in range(2):
+      token = jnp.asarray([5 + i, 9 + i], jnp.int32)
+      logits, cache = gen._decode(gen.state, token, jnp.asarray(last + 1 + i, jnp.int32),
+                                  jnp.asarray(text_len + i), cache, x["vis_pos"],
+                                  x["vis_valid"], tuple(bool(b) for b in row))
+      steps.append(np.asarray(logits))
+    out[impl] = np.stack(steps)
+  np.testing.assert_allclose(out["blockwise"], out["xla"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "visionzip"])
+def test_token_reduction_peers_blockwise_equal_reference(tiny_pair, small_blocks, method):
+  """The peers' all-SA layers (over the tokens kept so far) pass an implicit mask too."""
+  cfg, models, samples = tiny_pair
+  batch = inputs_lib.collate(samples)
+  out = {impl: tr.jit_forward(m, tr.Reduction(method, 0.5))(nnx.state(m), batch, None, None)
+         for impl, m in models.items()}
+  np.testing.assert_array_equal(np.asarray(out["blockwise"].kept), np.asarray(out["xla"].kept))
+  np.testing.assert_allclose(np.asarray(out["blockwise"].logits), np.asarray(out["xla"].logits),
+                             atol=ATOL, rtol=0)
