@@ -156,7 +156,8 @@ def main(argv: Sequence[str]) -> None:
         f"{total['ours']:>10.0f} {total['torch']:>11.0f}")
   disturbed = sum(x.disturbed for x in t.values())
   print(f"\nratio: ours / torch (< 1: we are faster). total: the part x how often the all-SA "
-        f"forward runs it.\n{disturbed} disturbed run(s) re-run. Wall {time.perf_counter() - t0:.0f} s.")
+        f"forward runs it.\n{disturbed} disturbed run(s) re-run. "
+        f"Wall {time.perf_counter() - t0:.0f} s.")
 
 
 if __name__ == "__main__":

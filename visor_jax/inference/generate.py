@@ -138,7 +138,8 @@ def decode_step(model: LlavaOnevision, layers: Sequence, cross: Sequence, token:
     past = Past(text=(text_k[l], text_v[l]), text_valid=past_text,
                 vis=(cache["vis_k"][sa_slot], cache["vis_v"][sa_slot]) if sa else None,
                 ca=(cache["ca_k"][ca_slot], cache["ca_v"][ca_slot]) if ca else None)
-    cross_module = lambda m=int(tables["ca_module"][l]): nnx.merge(cross_def, cross[m])  # noqa: E731
+    module = int(tables["ca_module"][l])
+    cross_module = lambda m=module: nnx.merge(cross_def, cross[m])  # noqa: E731
     x, _, kv = visor_layer(nnx.merge(layer_def, layers[l]), cross_module, x, None, streams,
                            sa=sa, ca=ca, impl=cfg.attention_impl, past=past)
     text_k[l] = text_k[l].at[rows, index].set(kv.text[0][:, 0])
