@@ -198,6 +198,28 @@ def test_unknown_implementation_is_a_clear_error():
     assert config_lib.model_config(m).attention_impl == impl
 
 
+def test_unset_implementation_is_blockwise_on_cpu_without_collectives_in_skips():
+  """None means 'blockwise' on CPU (the suite's backend), 'xla' on accelerators. While a
+  trainer splits the batch over several CPU devices, blockwise computes every block pair
+  (a batch-wide skip decision would be a collective inside a conditional: it deadlocked)."""
+  from visor_jax import sharding
+  from visor_jax.models import nn
+  assert jax.default_backend() == "cpu"
+  assert nn.default_implementation() == "blockwise" == nn.check_implementation(None)
+  assert not sharding.skips_need_collectives()
+  mesh = jax.make_mesh((2, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=jax.devices()[:2])
+  with sharding.split_batch(mesh):
+    assert sharding.skips_need_collectives()
+    q, k, v = _qkv(2, 96, 96, 2, 1, 8)
+    pos = jnp.tile(jnp.arange(96)[None], (2, 1))
+    out = bw.blockwise_attention(q, k, v, q_pos=pos, k_pos=pos, causal=True, q_block=32,
+                                 k_block=32)
+  ref = attention(q, k, v, nn.Mask(jnp.ones((2, 96), bool), pos, pos, causal=True),
+                  implementation="xla")
+  np.testing.assert_allclose(out, ref, atol=2e-6)
+
+
 def test_flops_cross_checks_count_with_xla_attention():
   """XLA's cost analysis counts a loop body once, so blockwise (and splash) attention would hide
   most attention FLOPs: the cross-checks compile with 'xla', whatever the model says."""

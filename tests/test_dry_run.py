@@ -82,6 +82,8 @@ def test_cli_prints_the_plan_it_returns_and_writes_nothing(cli_run):
                "largest arrays of params and optimizer state (top 8)", "PartitionSpec"):
     assert line in printed
   assert plan.mesh == {"data": 1, "fsdp": FSDP, "tensor": 1} and plan.fake_devices
+  # attention_impl unset means 'blockwise' on CPU; fake devices plan the accelerators' 'xla'
+  assert plan.attention_impl == "xla" and "attention 'xla'" in printed
   json.dumps(plan.to_dict())  # the plan serialises (numbers, strings, lists)
 
 

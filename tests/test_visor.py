@@ -1,4 +1,5 @@
 """VISOR behaviour: budgets are data (one compilation), per-sample budgets, CA and pos-conv effects."""
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +108,8 @@ def test_static_unrolled_budget_equals_scanned(setup):
   """The cost-analysis path (`unroll=True`, budget closed over) computes the same function;
   a numpy budget alone never selects it (one compiled program for every budget)."""
   cfg, _, _, forward, samples = setup
+  # 'xla' attention: blockwise's own block loops would blur the count of layer loops below
+  cfg = dataclasses.replace(cfg, attention_impl="xla")
   model = LlavaOnevision(cfg, rngs=nnx.Rngs(6))
   _perturb_new_parts(model)
   batch = inputs_lib.collate(samples[:2])

@@ -125,6 +125,36 @@ def activation_mesh(mesh: Mesh, enabled: bool = True):
     _ACTIVATION_MESHES.pop()
 
 
+_SPLIT_BATCH_MESHES: list[Mesh] = []  # meshes the running trainer splits the batch over
+
+
+@contextlib.contextmanager
+def split_batch(mesh: Mesh):
+  """While tracing inside it, `skips_need_collectives()` says whether a batch-wide decision
+  needs devices to talk. The trainer and the dry run enter it around their train step."""
+  _SPLIT_BATCH_MESHES.append(mesh)
+  try:
+    yield mesh
+  finally:
+    _SPLIT_BATCH_MESHES.pop()
+
+
+def skips_need_collectives() -> bool:
+  """True while tracing a step whose batch is split over several CPU devices.
+
+  Blockwise attention skips a block pair that no sample of the batch sees into: an `any` over
+  the batch, a collective when the batch is split. Inside the layer's `lax.switch` that
+  collective runs in a conditional, where XLA:CPU's in-process all-reduce deadlocked (8 fake
+  devices, the reproduction's stage 1: devices waiting 40 s for ones that never came, then
+  abort; 6 December 2026). There blockwise computes every block pair instead (masked, so
+  exact). Accelerators keep the skip."""
+  if not _SPLIT_BATCH_MESHES:
+    return False
+  mesh = _SPLIT_BATCH_MESHES[-1]
+  return (mesh.devices.flat[0].platform == "cpu"
+          and math.prod(mesh.shape[a] for a in BATCH) > 1)
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
   """An activation float[B, ...] kept split over (data, fsdp) on its leading (batch) axis,
   the rest replicated, inside `activation_mesh`; unchanged otherwise (one device, tests,

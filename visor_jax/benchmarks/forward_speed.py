@@ -53,7 +53,7 @@ flags.DEFINE_list("sa_counts", ["0", "2", "4"], "VISOR budgets: numbers of SA la
 flags.DEFINE_bool("skip_torch", False, "Skip the transformers (PyTorch) reference timings.")
 flags.DEFINE_bool("skip_bf16", False, "Skip the bfloat16 timings.")
 flags.DEFINE_enum("attention_impl", "blockwise", ["xla", "blockwise"],
-                  "Our attention (`model.attention_impl`; the model's default is 'xla').")
+                  "Our attention (`model.attention_impl`; 'blockwise' is the CPU default).")
 
 PROMPT_PREFIX = 3  # text tokens before the image placeholder
 

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visor_jax import sharding
+
 Array = jax.Array
 
 # Block sizes (upper bounds; blocks are balanced, see _split), tuned on the project's 2-core
@@ -245,6 +247,8 @@ def blockwise_attention(q: Array, k: Array, v: Array, *, q_pos: Array | None = N
     mb = mb.reshape(b, heads, nq, bq, nk, bk).transpose(2, 4, 0, 1, 3, 5)
     mb = mb.reshape(nq, nk, b, *((kh, g) if heads > 1 else (1, 1)), bq, bk)
   live = _live_blocks(qp, kp, kv, mb, causal)
+  if sharding.skips_need_collectives():  # every pair computed: see that function
+    live = jnp.ones_like(live)
 
   out = _attend(qb, kb, vb, qp, kp, kv, mb, live, causal, scale)      # [nq, B, K, G, bq, H]
   out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, n, h)[:, :t]

@@ -74,6 +74,7 @@ class Plan:
   mesh: dict[str, int]
   platform: str              # the devices compiled for: 'cpu', 'tpu', ...
   fake_devices: bool         # True: CPU devices standing in for a larger machine
+  attention_impl: str        # the attention compiled (unset: the accelerators' 'xla')
   batch: dict[str, tuple[int, ...]]  # global shapes of the step's batch arguments
   grad_accum: int
   params: int                # parameter count
@@ -115,7 +116,7 @@ class Plan:
                       if k in ("tokens", "pixels", "vis_src"))
     lines = [
         f"dry run: the train step compiled in {self.compile_s:.1f} s; nothing allocated",
-        f"mesh {self.mesh} on {devices}",
+        f"mesh {self.mesh} on {devices}; attention {self.attention_impl!r}",
         f"global batch: {batch}; grad_accum {self.grad_accum}",
         f"parameters {self.params:,} ({self.trainable:,} trainable); params + optimizer state "
         f"{_bytes(self.state_bytes)} in all, {_bytes(self.state_device_bytes)} per device",
@@ -300,6 +301,9 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
   mesh = sharding.make_mesh(config.mesh, devices)
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   model = model_dict(config)
+  if fake and model.get("attention_impl") is None:
+    # None means 'blockwise' on CPU but 'xla' on the TPU/GPU this plan is for: plan that.
+    model.attention_impl = "xla"
   cfg = config_lib.model_config(model)
   batch, text, visual, crops = batch_geometry(config, cfg)
   if batch % (data_ways * config.grad_accum):
@@ -345,7 +349,8 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return Plan(
       mesh={k: int(v) for k, v in mesh.shape.items()}, platform=devices[0].platform,
-      fake_devices=fake, batch={k: tuple(v.shape) for k, v in batch_args.items()},
+      fake_devices=fake, attention_impl=str(cfg.attention_impl),
+      batch={k: tuple(v.shape) for k, v in batch_args.items()},
       grad_accum=int(config.grad_accum), params=count(abstract_params),
       trainable=count(optim.split(abstract_params, labels)[0]),
       state_bytes=sum(math.prod(x.shape) * x.dtype.itemsize

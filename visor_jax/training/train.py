@@ -165,6 +165,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
   # off on the CPU backend, where they made XLA:CPU's collectives deadlock (activation_mesh).
   on_cpu = mesh.devices.flat[0].platform == "cpu"
   scope.enter_context(sharding.activation_mesh(mesh, enabled=not on_cpu))
+  scope.enter_context(sharding.split_batch(mesh))  # blockwise attention reads it
   metrics.log("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
               jax.process_count())
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
