@@ -207,9 +207,11 @@ def test_unset_implementation_is_blockwise_on_cpu_without_collectives_in_skips()
   assert jax.default_backend() == "cpu"
   assert nn.default_implementation() == "blockwise" == nn.check_implementation(None)
   assert not sharding.skips_need_collectives()
-  mesh = jax.make_mesh((2, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=jax.devices()[:2])
-  with sharding.split_batch(mesh):
+  mesh = jax.make_mesh((2, 1, 1), sharding.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:2])
+  with sharding.activation_mesh(mesh):  # the dry run: plans an accelerator, which skips
+    assert not sharding.skips_need_collectives()
+  with sharding.activation_mesh(mesh, runs_on_cpu=True):
     assert sharding.skips_need_collectives()
     q, k, v = _qkv(2, 96, 96, 2, 1, 8)
     pos = jnp.tile(jnp.arange(96)[None], (2, 1))

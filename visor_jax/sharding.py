@@ -101,58 +101,41 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
 
 
-_ACTIVATION_MESHES: list[Mesh] = []  # the innermost `activation_mesh` context is last
+# The innermost `activation_mesh` context is last: (mesh, whether the step runs on XLA:CPU).
+_ACTIVATION_MESHES: list[tuple[Mesh, bool]] = []
 
 
 @contextlib.contextmanager
-def activation_mesh(mesh: Mesh, enabled: bool = True):
+def activation_mesh(mesh: Mesh, runs_on_cpu: bool = False):
   """While tracing inside it, `constrain_batch` splits activations over `mesh`. Our own context,
   not `jax.set_mesh`: under that, flax reads the parameters' logical axis names ('embed', ...)
   as mesh axes and fails. The trainer and the dry run enter it around their train step.
 
-  `enabled=False` leaves activations to GSPMD. The trainer passes it on the CPU backend: there
-  the constrained step deadlocked intermittently (XLA:CPU's in-process collectives: two fake
-  devices of one program waiting at different all-gathers, aborted after 40 s; about 1 run in 3
-  with a warm compilation cache, never without the constraint). The dry run plans for an
-  accelerator and only compiles, so it keeps it on."""
-  if not enabled:
-    yield mesh
-    return
-  _ACTIVATION_MESHES.append(mesh)
+  `runs_on_cpu=True` (the trainer on the CPU backend) works around two deadlocks of XLA:CPU's
+  in-process collectives, fake devices of one program waiting 40 s for each other, then abort:
+  - activations are left to GSPMD (`constrain_batch` does nothing): constrained, two devices
+    waited at different all-gathers, about 1 run in 3 with a warm compilation cache;
+  - blockwise attention computes every block pair (`skips_need_collectives`).
+  The dry run plans for an accelerator and only compiles, so it leaves it False."""
+  _ACTIVATION_MESHES.append((mesh, runs_on_cpu))
   try:
     yield mesh
   finally:
     _ACTIVATION_MESHES.pop()
 
 
-_SPLIT_BATCH_MESHES: list[Mesh] = []  # meshes the running trainer splits the batch over
-
-
-@contextlib.contextmanager
-def split_batch(mesh: Mesh):
-  """While tracing inside it, `skips_need_collectives()` says whether a batch-wide decision
-  needs devices to talk. The trainer and the dry run enter it around their train step."""
-  _SPLIT_BATCH_MESHES.append(mesh)
-  try:
-    yield mesh
-  finally:
-    _SPLIT_BATCH_MESHES.pop()
-
-
 def skips_need_collectives() -> bool:
-  """True while tracing a step whose batch is split over several CPU devices.
+  """True while tracing a step that runs on XLA:CPU with its batch split over several devices.
 
   Blockwise attention skips a block pair that no sample of the batch sees into: an `any` over
   the batch, a collective when the batch is split. Inside the layer's `lax.switch` that
   collective runs in a conditional, where XLA:CPU's in-process all-reduce deadlocked (8 fake
-  devices, the reproduction's stage 1: devices waiting 40 s for ones that never came, then
-  abort; 6 December 2026). There blockwise computes every block pair instead (masked, so
-  exact). Accelerators keep the skip."""
-  if not _SPLIT_BATCH_MESHES:
+  devices, the reproduction's stage 1, 6 December 2026). There blockwise computes every block
+  pair instead (masked, so exact). Accelerators keep the skip."""
+  if not _ACTIVATION_MESHES:
     return False
-  mesh = _SPLIT_BATCH_MESHES[-1]
-  return (mesh.devices.flat[0].platform == "cpu"
-          and math.prod(mesh.shape[a] for a in BATCH) > 1)
+  mesh, runs_on_cpu = _ACTIVATION_MESHES[-1]
+  return runs_on_cpu and math.prod(mesh.shape[a] for a in BATCH) > 1
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
@@ -166,9 +149,9 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   37 GiB on 1 device, 199 GiB on 8; 32 GiB on 8 with this). The models call it on each
   layer's input and output (MaxText's activation constraints), so weights are all-gathered
   instead."""
-  if not _ACTIVATION_MESHES:
+  if not _ACTIVATION_MESHES or _ACTIVATION_MESHES[-1][1]:
     return x
-  mesh = _ACTIVATION_MESHES[-1]
+  mesh = _ACTIVATION_MESHES[-1][0]
   axes = tuple(a for a in BATCH if mesh.shape[a] > 1)
   if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
     return x

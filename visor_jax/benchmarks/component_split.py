@@ -31,10 +31,8 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from visor_jax import config_lib
 from visor_jax.benchmarks import cpu_model, transformers_ref
-from visor_jax.benchmarks.forward_speed import (bench_model_config, build_input,
-                                                interleaved_medians)
+from visor_jax.benchmarks.forward_speed import flagged_model_and_input, interleaved_medians
 from visor_jax.models.llava_onevision import LlavaOnevision
 from visor_jax.models.nn import Mask, attention
 
@@ -124,10 +122,7 @@ def torch_parts(model_cfg: Any, sample, token_ids: Sequence[int], image: np.ndar
 def main(argv: Sequence[str]) -> None:
   del argv
   t0 = time.perf_counter()
-  model_cfg = bench_model_config(FLAGS.layers, FLAGS.vision_layers)
-  model_cfg.attention_impl = FLAGS.attention_impl
-  cfg = config_lib.model_config(model_cfg)
-  _, sample, token_ids, image = build_input(cfg, FLAGS.image_size, FLAGS.text_len)
+  model_cfg, cfg, (_, sample, token_ids, image) = flagged_model_and_input()
   n_vis, n_text = sample.num_visual_tokens, len(sample.tokens)
   n_tokens = n_vis + n_text
   print(f"{cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__}; float32, batch 1, "

@@ -245,13 +245,20 @@ def _ms(t: Timing) -> str:
   return f"{t.seconds * 1e3:.0f}" + ("" if t.clean >= FLAGS.repeats else "*")
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  t_start = time.perf_counter()
+def flagged_model_and_input() -> tuple[Any, ModelConfig, tuple]:
+  """(`config.model`, its ModelConfig, `build_input`'s batch, sample, token ids, image) from the
+  flags --layers, --vision_layers, --attention_impl, --image_size, --text_len (shared with
+  `component_split`)."""
   model_cfg = bench_model_config(FLAGS.layers, FLAGS.vision_layers)
   model_cfg.attention_impl = FLAGS.attention_impl
   cfg = config_lib.model_config(model_cfg)
-  batch, sample, token_ids, image = build_input(cfg, FLAGS.image_size, FLAGS.text_len)
+  return model_cfg, cfg, build_input(cfg, FLAGS.image_size, FLAGS.text_len)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  t_start = time.perf_counter()
+  model_cfg, cfg, (batch, sample, token_ids, image) = flagged_model_and_input()
   crops, n_vis, n_text = len(sample.pixels), sample.num_visual_tokens, len(sample.tokens)
   rows = budget_rows(cfg, [int(k) for k in FLAGS.sa_counts])
   shape = dict(num_crops=crops, num_visual=n_vis, num_text=n_text)

@@ -162,10 +162,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
   # ---------------------------------------------------------------- mesh
   mesh = sharding.make_mesh(config.mesh)
   # The models' activation constraints (sharding.constrain_batch) read this mesh when traced;
-  # off on the CPU backend, where they made XLA:CPU's collectives deadlock (activation_mesh).
+  # on the CPU backend two XLA:CPU collective deadlocks are worked around (activation_mesh).
   on_cpu = mesh.devices.flat[0].platform == "cpu"
-  scope.enter_context(sharding.activation_mesh(mesh, enabled=not on_cpu))
-  scope.enter_context(sharding.split_batch(mesh))  # blockwise attention reads it
+  scope.enter_context(sharding.activation_mesh(mesh, runs_on_cpu=on_cpu))
   metrics.log("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
               jax.process_count())
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
