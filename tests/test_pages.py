@@ -80,6 +80,9 @@ def decode(png: bytes):
     for c in range(n):
       cell = rgb[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].reshape(-1, 3)
       fg = ~np.all(cell == pages.PAGE_COLOURS[page], axis=-1)
+      if not fg.any():   # an empty cell (sparse curriculum pages only)
+        grid[r][c] = ("empty", "", "")
+        continue
       colours = {tuple(int(v) for v in px) for px in cell[fg]}
       assert len(colours) == 1 and next(iter(colours)) in ink, (r, c, colours)  # no blending
       match = [(k, v) for k, v, m in shapes if np.array_equal(fg.reshape(CELL, CELL), m)]
@@ -185,6 +188,29 @@ def test_other_grids(grid):
     pages.generate_example(0, "train", 0, grid=3)
 
 
+def test_sparse_pages_keep_the_answer_and_k_white_digits():
+  """The relation curriculum's pages: the same spec with only k white digits left; every
+  answer still read back from the pixels; the main question's answer unchanged."""
+  for k in (1, 2, 4):
+    for i in range(16):
+      full, _ = pages.generate_example(0, "train", i, grid=6)
+      rec, view = pages.generate_example(0, "train", i, grid=6, white_digits=k, turns=3)
+      assert rec["conversations"][:2] == full["conversations"] and rec["answer"] == full["answer"]
+      page, grid = decode(rec["image"])
+      assert sum(x == ("digit", x[1], "white") for row in grid for x in row) == k
+      assert sum(x[0] == "empty" for row in grid for x in row) > 0
+      for q, a in zip(rec["conversations"][::2], rec["conversations"][1::2]):
+        assert a["value"] == read_answer(q["value"].removeprefix("<image>\n"), page, grid)
+      if view["answer_cell"] is not None:   # the answer cell keeps its digit
+        r, c = view["answer_cell"]
+        assert grid[r][c][0] == "digit"
+  assert pages.generate_example(0, "train", 3, grid=6, white_digits=2) == pages.generate_example(
+      0, "train", 3, grid=6, white_digits=2)
+  with pytest.raises(ValueError, match="permute_rows"):
+    pages.generate_example(0, "train", 0, white_digits=2, permute_rows=True)
+  assert pages_build.make_config(**PARAMS, white_digits=2).name.endswith("-white2")
+
+
 def test_bitmaps_are_distinct():
   masks = [pages.BLOCK, *pages.GLYPHS.values(), *pages.MARKERS.values()]
   assert len({m.tobytes() for m in masks}) == len(masks) == 15
@@ -244,7 +270,7 @@ def test_families_and_answers_are_balanced():
         pages.coarse_slots(8))
   kinds = collections.Counter(pages.generate_example(0, "train", i)[0]["kind"]
                               for i in range(80))
-  assert all(kinds[k] >= 5 for k in ("left", "right", "above", "below")), kinds
+  assert set(kinds) == {*pages.FAMILY_KINDS["coarse"], "colour_digit", "right", "below"}, kinds
 
 
 def test_corpus_covers_text_and_answers_are_single_tokens(built):
@@ -356,7 +382,7 @@ def test_source_and_harness_read_pages(tmp_path):
   assert sources.pages_params(ml_collections.ConfigDict(dict(
       synthetic_seed=1, synthetic_sizes=dict(train=1, validation=1, test=1)))) == dict(
           seed=1, sizes=dict(train=1, validation=1, test=1), grid=8, read_turn=False,
-          turns=1, readout=False, families=pages.FAMILIES)
+          turns=1, readout=False, families=pages.FAMILIES, white_digits=0)
 
 
 def test_question_format_turns_training_only_turns_off():

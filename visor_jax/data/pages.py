@@ -8,10 +8,16 @@ needs a known part of the model (see docs/pages_dataset.md):
 
   coarse       page colour / big blocks: readable from the 1-token low-resolution base view;
   fine         "what is the red digit": one cell's content, a cross-attention (CA) lookup;
-  control      the digit left/right of a marker: 1 token away, within the positional conv's
+  control      the digit right of a marker: 1 token after it, within the positional conv's
                reach (kernel 7: +-3 tokens), so CA alone can answer;
-  interaction  the digit above/below a marker: grid + 1 tokens away (AnyRes adds a newline
-               per row), beyond 3 x #CA; needs visual-visual self-attention (SA).
+  interaction  the digit below a marker: grid + 1 tokens after it (AnyRes adds a newline per
+               row), beyond 3 x #CA; needs visual-visual self-attention (SA).
+
+Both relations point *forward* in the token sequence: the LLM's self-attention is causal, so
+the answer cell's token can see the marker above or left of it and learn "the marker is my
+neighbour", a key the text then finds by content and reads like a fine question. Asked the
+other way ("above", "left"), the answer would have to be copied into the marker's token and
+read out of it as a second quantity, which no model here learned (docs/pages_dataset.md).
 
 Glyphs and markers are fixed bitmaps defined here (never a system font), painted without
 anti-aliasing, so every pixel is exact on every machine and the answers can be read back from
@@ -53,20 +59,18 @@ MARKERS_PER_PAGE = 1
 COLOURED_DIGITS_PER_PAGE = 1
 FAMILIES = ("coarse", "fine", "control", "interaction")
 FAMILY_KINDS = {"coarse": ("page_colour", "count_blocks", "has_block"),
-                "fine": ("colour_digit",), "control": ("left", "right"),
-                "interaction": ("above", "below")}
+                "fine": ("colour_digit",), "control": ("right",),
+                "interaction": ("below",)}
 QUESTIONS = {
     "page_colour": "What colour is the page?",
     "count_blocks": "How many big blocks are there?",
     "has_block": "Is there a big {colour} block?",
     "colour_digit": "What is the {colour} digit?",
     # H and V differ only in the relation word, so any accuracy gap is about the relation.
-    "left": "What digit is left of the {colour} {shape}?",
     "right": "What digit is right of the {colour} {shape}?",
-    "above": "What digit is above the {colour} {shape}?",
     "below": "What digit is below the {colour} {shape}?",
 }
-STEP = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (d_row, d_col)
+STEP = {"right": (0, 1), "below": (1, 0)}  # (d_row, d_col)
 STRATUM = 40     # every aligned run of 40 examples holds each (family, answer slot) once
 _STRATUM_TAG = 0x9A6E5  # salts the stratum stream apart from the per-example streams
 PERM_TRIES = 64
@@ -112,7 +116,8 @@ BLOCK = np.ones((CELL, CELL), bool)
 
 # ----------------------------------------------------------------------------- layouts
 # A layout is grid x grid cells, each a JSON-able [kind, value, colour]:
-#   ["digit", "7", "white" | ink colour], ["marker", shape, ink colour], ["block", "", ink colour].
+#   ["digit", "7", "white" | ink colour], ["marker", shape, ink colour], ["block", "", ink colour],
+#   ["empty", "", ""] (only on the sparse curriculum pages, `sparse_layout`).
 
 
 example_rng = synthetic.example_rng  # one stream per (seed, split, index)
@@ -377,6 +382,26 @@ def generate_spec(seed: int, split: str, index: int, grid: int = 8) -> dict:
   raise RuntimeError(f"could not build a {family} page at grid={grid}")
 
 
+def sparse_layout(rng, layout, question, white_digits: int):
+  """`layout` with only `white_digits` plain white digits left (the answer cell's among them
+  when it is one); the others become empty cells. Markers, blocks and the coloured digit stay,
+  so every question keeps its answer.
+
+  WHY: the relation curriculum (`data.pages_white_digits`, the reproduction's `relations_k`
+  stages). With one white digit, "the digit below the marker" is a fixed-key lookup like a
+  fine question; with a few more the text must tell the asked cell from the others by what
+  its token learned about its neighbour, and at full pages it must do so among ~30. Trained on
+  full pages from the start, the relation families never left chance (docs/pages_dataset.md).
+  """
+  cell = answer_cell(layout, question)
+  whites = [(r, c) for r, row in enumerate(layout) for c, x in enumerate(row)
+            if _white_digit(x) and (r, c) != cell]
+  keep = max(0, white_digits - (cell is not None and _white_digit(layout[cell[0]][cell[1]])))
+  kept = {whites[i] for i in rng.permutation(len(whites))[:keep]}
+  return [[x if not _white_digit(x) or (r, c) == cell or (r, c) in kept else ["empty", "", ""]
+           for c, x in enumerate(row)] for r, row in enumerate(layout)]
+
+
 def render(page: str, layout) -> np.ndarray:
   """uint8[grid*CELL, grid*CELL, 3]: each cell painted from its bitmap, no anti-aliasing."""
   grid = len(layout)
@@ -384,6 +409,8 @@ def render(page: str, layout) -> np.ndarray:
   img[:] = PAGE_COLOURS[page]
   for r, row in enumerate(layout):
     for c, (kind, value, colour) in enumerate(row):
+      if kind == "empty":
+        continue
       mask = {"digit": GLYPHS.get(value), "marker": MARKERS.get(value), "block": BLOCK}[kind]
       rgb = WHITE if colour == "white" else COLOURS[colour]
       img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL][mask] = rgb
@@ -403,6 +430,7 @@ def visual_token(grid: int, cell) -> int:
 READ_QUESTION = "Read the page."
 _TURNS_TAG = 0x7A25  # salts the extra-turn stream apart from the page's
 _READOUT_TAG = 0x5EAD  # and the readout variant's
+_SPARSE_TAG = 0x5BA5E  # and the sparse pages' choice of kept digits
 
 
 def well_posed_questions(layout) -> dict[str, list[dict]]:
@@ -451,8 +479,8 @@ def extra_turns(seed, split, index, page, layout, question, n) -> list[dict]:
 
 
 def reading(layout) -> str:
-  """The page read out cell by cell, one token each: its digit, or '-' for a marker or a block
-  cell; rows end with a newline, as the visual rows do."""
+  """The page read out cell by cell, one token each: its digit, or '-' for a marker, block or
+  empty cell; rows end with a newline, as the visual rows do."""
   return "\n".join("".join(cell[1] if cell[0] == "digit" else "-" for cell in row)
                    for row in layout)
 
@@ -494,11 +522,17 @@ def make_example(spec: dict, permute_rows: bool = False, read_turn: bool = False
 
 
 def generate_example(seed: int, split: str, index: int, grid: int = 8, permute_rows: bool = False,
-                     read_turn: bool = False, turns: int = 1):
+                     read_turn: bool = False, turns: int = 1, white_digits: int = 0):
   """The (record, view) stored at `split[index]`; the permuted variant keeps the same id.
   `read_turn` applies to every other train example (even indices): the others are asked as at
-  evaluation, the question alone."""
+  evaluation, the question alone. `white_digits` > 0: the sparse curriculum page
+  (`sparse_layout`) of the same spec."""
   spec = generate_spec(seed, split, index, grid)
+  if white_digits:
+    if permute_rows:
+      raise ValueError("white_digits (sparse pages) and permute_rows do not combine")
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, _SPARSE_TAG])
+    spec = {**spec, "layout": sparse_layout(rng, spec["layout"], spec["question"], white_digits)}
   extra = None
   if split == "train" and turns > 1:
     layout = [spec["layout"][r] for r in spec["rows"]] if permute_rows else spec["layout"]
@@ -536,6 +570,10 @@ def corpus() -> list[str]:
   out = [QUESTIONS["page_colour"], QUESTIONS["count_blocks"], READ_QUESTION]
   out += [QUESTIONS[k].format(colour=c) for k in ("has_block", "colour_digit") for c in COLOURS]
   out += [QUESTIONS[k].format(colour=c, shape=s) for k in STEP for c in COLOURS for s in SHAPES]
+  # The retired relation wordings (version <= 1.1.0) stay in the corpus: without them the BPE
+  # finds fewer merges than the `pages` model's 392 ids, and the tokenizer would change size.
+  out += [f"What digit is {rel} the {c} {s}?" for rel in ("left of", "above") for c in COLOURS
+          for s in SHAPES]
   answers = list(PAGE_COLOURS) + ["yes", "no"] + [str(i) for i in range(10)]
   # Every word, and the chat template's role names, repeated likewise: with the `pages`
   # model's 392 learned ids each becomes one token, so a question is ~10 tokens, not ~20.

@@ -31,10 +31,12 @@ class PagesConfig(tfds.core.BuilderConfig):
   turns: int = 1
   readout: bool = False
   families: tuple = pages.FAMILIES
+  white_digits: int = 0  # > 0: sparse curriculum pages (pages.sparse_layout)
 
 
 def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-                turns=1, readout=False, families=pages.FAMILIES) -> PagesConfig:
+                turns=1, readout=False, families=pages.FAMILIES,
+                white_digits=0) -> PagesConfig:
   sizes = {**pages.DEFAULT_SIZES, **(sizes or {})}
   if set(sizes) != set(SPLITS) or min(sizes.values()) < 0:
     raise ValueError(f"sizes must give counts >= 0 for splits {SPLITS}, got {sizes}")
@@ -44,20 +46,25 @@ def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
     name += "-readout"
   else:
     name += (f"-grid{grid}" + ("-permuted" if permute_rows else "")
-             + ("-read" if read_turn else "") + (f"-turns{turns}" if turns > 1 else ""))
+             + ("-read" if read_turn else "") + (f"-turns{turns}" if turns > 1 else "")
+             + (f"-white{white_digits}" if white_digits else ""))
+    if white_digits and (permute_rows or white_digits < 0):
+      raise ValueError(f"white_digits={white_digits}: expected >= 0, never with permute_rows")
     families = pages.check_families(families)
     if families != pages.FAMILIES:
       name += "-" + "+".join(families)
   return PagesConfig(name=name, seed=int(seed), sizes=tuple((s, int(sizes[s])) for s in SPLITS),
                      grid=int(grid), permute_rows=bool(permute_rows), read_turn=bool(read_turn),
-                     turns=int(turns), readout=bool(readout), families=tuple(families))
+                     turns=int(turns), readout=bool(readout), families=tuple(families),
+                     white_digits=int(white_digits))
 
 
 class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
   """Pages of 14 px cells with coarse / fine / control / interaction questions."""
-  VERSION = tfds.core.Version("1.1.0")  # bump whenever generated content changes
+  VERSION = tfds.core.Version("1.2.0")  # bump whenever generated content changes
   RELEASE_NOTES = {"1.0.0": "3-4 markers and 1-2 coloured digits per page.",
-                   "1.1.0": "One marker and one coloured digit per page (fixed lookup keys)."}
+                   "1.1.0": "One marker and one coloured digit per page (fixed lookup keys).",
+                   "1.2.0": "Relations point forward only (right of, below); sparse pages."}
   # `families` (a subset build) adds no new content: same version.
 
   def _record(self, split, index):
@@ -67,7 +74,7 @@ class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
     if c.families != pages.FAMILIES:  # the full split's records of these families, in order
       index = pages.family_index(c.seed, split, index, c.families)
     return pages.generate_example(c.seed, split, index, c.grid, c.permute_rows, c.read_turn,
-                                  c.turns)[0]
+                                  c.turns, c.white_digits)[0]
 
 
 def _builder(data_dir, **params) -> VisorPagesVqa:
@@ -76,12 +83,14 @@ def _builder(data_dir, **params) -> VisorPagesVqa:
 
 
 def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-          turns=1, readout=False, families=pages.FAMILIES) -> str:
+          turns=1, readout=False, families=pages.FAMILIES, white_digits=0) -> str:
   """Builds the dataset under `data_dir` unless present (idempotent); returns `data_dir`.
   `readout`: the 1 x 1 readout variant (`readout_example`) instead of full pages;
-  `families`: only the records of these families (`pages.family_index`)."""
+  `families`: only the records of these families (`pages.family_index`); `white_digits` > 0:
+  sparse pages with that many white digits (`pages.sparse_layout`)."""
   builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
-                     read_turn=read_turn, turns=turns, readout=readout, families=families)
+                     read_turn=read_turn, turns=turns, readout=readout, families=families,
+                     white_digits=white_digits)
   if not builder.is_prepared():  # nothing to download; never ask GCS for a prebuilt copy
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -89,10 +98,12 @@ def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn
 
 
 def records(split, data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False,
-            read_turn=False, turns=1, readout=False, families=pages.FAMILIES) -> Records:
+            read_turn=False, turns=1, readout=False, families=pages.FAMILIES,
+            white_digits=0) -> Records:
   """The built `split` (same parameters as `build`); raises if it was never built."""
   builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
-                     read_turn=read_turn, turns=turns, readout=readout, families=families)
+                     read_turn=read_turn, turns=turns, readout=readout, families=families,
+                     white_digits=white_digits)
   if not builder.is_prepared():
     raise FileNotFoundError(f"{builder.data_dir} is not built; call pages_build.build() first")
   return Records(builder.as_data_source(split=split))

@@ -53,7 +53,8 @@ def pages_params(data: ml_collections.ConfigDict) -> dict:
   return dict(seed=data.synthetic_seed, sizes=dict(data.synthetic_sizes),
               grid=data.get("pages_grid", 8), read_turn=data.get("pages_read_turn", False),
               turns=data.get("pages_turns", 1), readout=data.get("pages_readout", False),
-              families=tuple(families.split(",")) if families else pages.FAMILIES)
+              families=tuple(families.split(",")) if families else pages.FAMILIES,
+              white_digits=data.get("pages_white_digits", 0))
 
 
 def question_format(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
