@@ -77,6 +77,9 @@ class VisorConfig:
   ca_init: str = "copy_self_attn"  # q/k/v/norm copied from the host layer's self-attention
   pos_conv: bool = True          # depthwise-separable 1D conv over visual tokens, residual
   pos_conv_kernel: int = 7
+  # A training-only head for the hop loss (training/hop_loss.py): never in the forward, never
+  # exported. Set by the run that creates the model; later runs inherit it with the weights.
+  hop_head: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +203,7 @@ def model_config(m: ml_collections.ConfigDict | dict) -> ModelConfig:
       ca_layers=_check_layers("model.visor.ca_layers", ca, n),
       sa_candidates=_check_layers("model.visor.sa_candidates", sa, n),
       ca_gate=z.ca_gate, ca_init=z.ca_init, pos_conv=bool(z.get("pos_conv", True)),
-      pos_conv_kernel=kernel)
+      pos_conv_kernel=kernel, hop_head=bool(z.get("hop_head", False)))
 
   # The vision feature layer indexes hidden_states = [embeddings, layer_1, ..., layer_N].
   fl = m.feature_layer

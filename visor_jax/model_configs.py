@@ -16,7 +16,8 @@ def _visor(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
       ca_layers=None, ca_every=3, ca_offset=0,
       sa_candidates=None, sa_every=3, sa_offset=1,
-      ca_gate="zero_out", ca_init="copy_self_attn", pos_conv=True, pos_conv_kernel=7))
+      ca_gate="zero_out", ca_init="copy_self_attn", pos_conv=True, pos_conv_kernel=7,
+      hop_head=False))   # training/hop_loss.py's head (training only, never exported)
   c.update(overrides)
   return c
 

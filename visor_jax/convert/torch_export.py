@@ -88,6 +88,8 @@ VISOR_MAP: list[tuple[str, str, Hook, Hook]] = [
     ("decoder.router.fc2.kernel", "visor.router.fc2.weight", linear, linear),
     ("decoder.router.fc2.bias", "visor.router.fc2.bias", same, same),
 ]
+# Parameters no forward uses, left out of every export: the hop loss's head (training only).
+TRAINING_ONLY = ("decoder.hop_head",)
 
 
 def saved_name(canonical: str) -> str:
@@ -160,7 +162,7 @@ def plan_tensors(flat: Mapping[str, Any], cfg: ModelConfig, dtype) -> list[Tenso
         add(name.format(l=layer), flat[path], j, hook)
     else:
       add(name, flat[path], None, hook)
-  known = {row[1] for row in _llava_rows(cfg)} | {row[0] for row in VISOR_MAP}
+  known = {row[1] for row in _llava_rows(cfg)} | {row[0] for row in VISOR_MAP} | set(TRAINING_ONLY)
   if cfg.text.tie_word_embeddings:
     known.add("lm_head.kernel")
   unknown = sorted(set(flat) - known)

@@ -128,6 +128,11 @@ class VisorDecoder(nnx.Module):
     self.pos_conv = (PositionalConv(t.hidden_size, z.pos_conv_kernel, rngs=rngs, dtype=dtype,
                                     param_dtype=param_dtype) if z.pos_conv else None)
     self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype)
+    # Training only (training/hop_loss.py): maps a cell's visual hidden state to predictions
+    # of its upper and left neighbours' input embeddings. Not used by any forward.
+    self.hop_head = (nnx.Param(nnx.initializers.normal(0.02)(
+        rngs.params(), (2, t.hidden_size, t.hidden_size), param_dtype),
+        out_sharding=(None, "embed", "embed_out")) if z.hop_head else None)
     self.router = Router(cfg, rngs=rngs, param_dtype=param_dtype) if cfg.router.enabled else None
 
   def __call__(self, text: Array, vis: Array, text_pos: Array, vis_pos: Array,

@@ -59,6 +59,8 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
                                     # (learn to read a visual token first; the readout stage)
       pages_families="",            # source='pages': train on these families only ('fine' or
                                     # 'fine,coarse'; '' all): the reproduction's lookup stage
+      pages_white_digits=0,         # source='pages': > 0 keeps that many white digits per
+                                    # page (the relation curriculum; pages.sparse_layout)
       batch_size=8,                 # per host
       text_buckets=(128,),          # static text lengths; each batch uses one
       max_visual=0,                 # 0 → the model's largest AnyRes token count
@@ -91,6 +93,9 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
       lr_mult=dict(),               # {group: multiplier of lr}
   ))
   c.grad_accum = 1
+  # The hop loss (training/hop_loss.py): pages data only; weight 0 turns it off. `layers`: the
+  # hop is read after layers [0, layers), one past VISOR's first SA candidate.
+  c.hop_loss = ml_collections.ConfigDict(dict(weight=0.0, layers=2))
   c.num_steps = 300
   c.log_every = 10
   # Evaluation. At the end: accuracy of generated answers (the evaluation harness) on the

@@ -21,7 +21,7 @@ from visor_jax import distributed, sharding
 from visor_jax.data import pipeline
 from visor_jax.models import token_reduction as tr
 from visor_jax.models.llava_onevision import INPUT_KEYS
-from visor_jax.training import optim
+from visor_jax.training import hop_loss, optim
 
 Array = jax.Array
 
@@ -55,18 +55,27 @@ def forward(model, inputs, budget, reduction: tr.Reduction | None = None) -> Arr
   return tr.reduced_forward(model, inputs, reduction, budget).logits
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, reduction: tr.Reduction | None = None) -> Callable:
+def make_loss_fn(graphdef: nnx.GraphDef, reduction: tr.Reduction | None = None,
+                 hop: hop_loss.Spec | None = None) -> Callable:
+  """(trainable, frozen, batch, budget) → (loss, (#tokens, #correct, token loss, hop loss)).
+  The loss is the token loss, plus `hop.weight` x the hop loss (`hop_loss.py`) when given."""
   def loss_fn(trainable, frozen, batch, budget):
     model = nnx.merge(graphdef, optim.merge(trainable, frozen))
-    logits = forward(model, {k: batch[k] for k in INPUT_KEYS}, budget, reduction)
+    if hop is None:
+      logits = forward(model, {k: batch[k] for k in INPUT_KEYS}, budget, reduction)
+      hop_value = jnp.zeros((), jnp.float32)
+    else:
+      logits, hop_value = hop_loss.forward(model, batch, budget, hop.layers, hop.grid)
     loss, n, correct = token_loss(logits, batch["targets"])
-    return loss, (n, correct)
+    total = loss if hop is None else loss + hop.weight * hop_value
+    return total, (n, correct, loss, hop_value)
   return loss_fn
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     labels: dict[str, str], grad_accum: int = 1,
-                    reduction: tr.Reduction | None = None) -> Callable:
+                    reduction: tr.Reduction | None = None,
+                    hop: hop_loss.Spec | None = None) -> Callable:
   """(state, batch, budget) → (state, metrics).
 
   With `grad_accum` = k the batch is split into k micro-batches whose gradients are averaged
@@ -74,29 +83,30 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   params and optimizer state unchanged and reports `finite = 0`: a NaN never reaches the
   parameters, hence never a checkpoint; the host decides whether to stop.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, reduction), has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, reduction, hop), has_aux=True)
 
   def step(state, batch, budget):
     trainable, frozen = optim.split(state["params"], labels)
     if grad_accum == 1:
-      (loss, (n, correct)), grads = grad_fn(trainable, frozen, batch, budget)
+      (total, (n, correct, loss, hop_value)), grads = grad_fn(trainable, frozen, batch, budget)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
       micro_budget = budget.reshape(grad_accum, -1, budget.shape[-1])
 
       def accumulate(carry, xs):
         mb, mbud = xs
-        (l, (n_, c_)), g = grad_fn(trainable, frozen, mb, mbud)
-        acc_g, acc_l, acc_n, acc_c = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_n + n_, acc_c + c_), None
+        (t_, (n_, c_, l_, h_)), g = grad_fn(trainable, frozen, mb, mbud)
+        acc_g, acc_t, acc_n, acc_c, acc_l, acc_h = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_t + t_, acc_n + n_, acc_c + c_,
+                acc_l + l_, acc_h + h_), None
 
       zeros = jax.tree.map(jnp.zeros_like, trainable)
-      (grads, loss, n, correct), _ = jax.lax.scan(
-          accumulate, (zeros, 0.0, 0, 0), (micro, micro_budget))
+      (grads, total, n, correct, loss, hop_value), _ = jax.lax.scan(
+          accumulate, (zeros, 0.0, 0, 0, 0.0, 0.0), (micro, micro_budget))
       grads = jax.tree.map(lambda g: g / grad_accum, grads)
-      loss = loss / grad_accum
+      total, loss, hop_value = total / grad_accum, loss / grad_accum, hop_value / grad_accum
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     new_trainable = optax.apply_updates(trainable, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -107,6 +117,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     }
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32),
                "tokens": n, "correct_tokens": correct}
+    if hop is not None:
+      metrics["hop_loss"] = hop_value
     return new_state, metrics
 
   return step

@@ -28,7 +28,7 @@ from visor_jax.data import elastic, pipeline, sources
 from visor_jax.evaluation import main as eval_main
 from visor_jax.models.llava_onevision import LlavaOnevision
 from visor_jax.models import token_reduction as tr
-from visor_jax.training import metrics, optim, steps
+from visor_jax.training import hop_loss, metrics, optim, steps
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def visor_tr_reduction(config) -> tr.Reduction | None:
 def jit_train_step(config, graphdef, tx, labels, reduction, state_sh, budget_sh, mesh):
   """The jitted update step (training/steps.py) with the train state's shardings, donated; the
   trainer and the dry run (training/dry_run.py) compile this one."""
-  return jax.jit(steps.make_train_step(graphdef, tx, labels, config.grad_accum, reduction),
+  return jax.jit(steps.make_train_step(graphdef, tx, labels, config.grad_accum, reduction,
+                                       hop_loss.spec(config)),
                  in_shardings=(state_sh, None, budget_sh),
                  out_shardings=(state_sh, sharding.replicated(mesh)),
                  donate_argnums=(0,))
@@ -284,6 +285,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preempted: _Preempte
     averages.add(loss=m["loss"], grad_norm=m["grad_norm"])
     tokens_since_log += int(m["tokens"])
     writer.write(step, {"loss": m["loss"], "grad_norm": m["grad_norm"],
+                        **({"hop_loss": m["hop_loss"]} if "hop_loss" in m else {}),
                         "budget": budget_idx, "finite": int(m["finite"]),
                         **{k: float(v[step - 1]) for k, v in lr_schedules.items()}})
 
