@@ -56,26 +56,33 @@ def _reproduce_config(arg=None):
   return module.get_config(arg)
 
 
-def test_stages_chain_readout_lookup_base_and_only_lookup_filters_families():
+def test_stages_chain_readout_lookup_relations_base_and_which_filter_families():
   """readout (1 x 1 pages) -> lookup (full pages, fine questions alone, one per record) ->
-  base -> stage1 -> ...: each starts from the one before; only the lookup build is
-  restricted, so the base and later stages see every family."""
+  relations on sparse pages (1, 2, 4, 8 white digits; no coarse questions) -> base -> stage1
+  -> ...: each starts from the one before; the base and later stages see every family on
+  full pages; the hop loss is on from the relations on, except for VISOR-TR."""
   from visor_jax import reproduce
   rc = _reproduce_config()
-  c = {s: reproduce.stage_config(rc, s, "/w") for s in
-       ("readout", "lookup", "base", "stage1", "stage2", "universal")}
-  assert [c[s].init_from for s in c] == ["", "/w/readout", "/w/lookup", "/w/base", "/w/stage1",
-                                         "/w/stage2"]
-  assert [c[s].data.pages_families for s in c] == ["", "fine", "", "", "", ""]
-  assert [c[s].data.pages_readout for s in c] == [True] + [False] * 5
+  stages = reproduce.training_stages(rc)
+  assert stages == ("readout", "lookup", "relations_1", "relations_2", "relations_4",
+                    "relations_8", "base", "stage1", "stage2", "universal")
+  c = {s: reproduce.stage_config(rc, s, "/w") for s in stages}
+  assert [c[s].init_from for s in c] == ["", *(f"/w/{s}" for s in stages[:-1])]
+  assert [c[s].data.pages_families for s in c] == (
+      ["", "fine"] + ["fine,control,interaction"] * 4 + [""] * 4)
+  assert [c[s].data.pages_white_digits for s in c] == [0, 0, 1, 2, 4, 8, 0, 0, 0, 0]
+  assert [c[s].hop_loss.weight for s in c] == [0, 0] + [rc.hop_weight] * 8
+  assert [c[s].num_steps for s in c][2:6] == [rc.steps.relations] * 4
+  assert [c[s].data.pages_readout for s in c] == [True] + [False] * 9
   assert c["lookup"].data.pages_turns == 1 and c["base"].data.pages_turns == rc.turns
-  assert {c[s].budgets for s in ("readout", "lookup", "base")} == {"all"}
+  assert {c[s].budgets for s in stages[:7]} == {"all"}
   assert (c["stage1"].budgets, c["stage2"].budgets) == ("default", "maximal") == (
       rc.stage1_budgets, "maximal")
   assert sources.pages_params(c["lookup"].data)["families"] == ("fine",)
   tr = reproduce.stage_config(rc, "visor_tr_25", "/w")
   assert (tr.visor_tr_keep, tr.init_from, tr.num_steps) == (0.25, "/w/universal",
                                                            rc.steps.visor_tr)
+  assert tr.hop_loss.weight == 0
   assert sources.pages_params(c["base"].data)["families"] == pages.FAMILIES
 
 
@@ -85,7 +92,7 @@ def test_reproduction_runs_every_stage_and_resumes(tmp_path):
   rc = _reproduce_config("scale=tiny")
   lines = []
   first = reproduce.reproduce(rc, str(tmp_path), print_fn=lines.append)
-  for stage in reproduce.STAGES + ("visor_tr_50",):  # readout, lookup, base, ..., router
+  for stage in reproduce.training_stages(rc) + ("search", "router", "visor_tr_50"):
     assert os.path.exists(tmp_path / stage / reproduce.DONE), stage
   methods = {r["method"] for r in first["rows"]}
   assert methods == {"base", "fastv", "pyramiddrop", "visionzip", "visor", "router", "visor_tr",

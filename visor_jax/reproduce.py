@@ -9,6 +9,9 @@ rerun; an interrupted training stage resumes from its own checkpoint):
               the LLM learns to read a digit from a visual token (pages.readout_example)
   lookup/     the same model on full pages, `fine` questions only: it learns to find the one
               coloured digit among ~30 white ones (with the other families mixed in, it did not)
+  relations_1/, _2/, _4/, _8/  fine, control and interaction questions on sparse pages with
+              1, 2, 4, 8 white digits, with the hop loss (training/hop_loss.py): the relation
+              curriculum, without which the relation families never left chance
   base/       the LLaVA-OV-style model: every layer self-attends (budget 'all'), from lookup/
   stage1/     VISOR's new parts only (cross-attention, positional conv), maximal budget
   stage2/     everything, maximal budget
@@ -64,10 +67,12 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   # lookup: one fine question per record (extra turns would bring the other families back).
   c = train_config.pages(rc.grid, turns=1 if stage == "lookup" else rc.turns)
   c.seed = rc.seed
+  # The hop loss's head exists from the first stage on (later stages inherit the model).
+  c.model.visor.hop_head = True
   c.data.batch_size = rc.batch
   c.data.synthetic_sizes = dict(rc.sizes)
   c.data.synthetic_dir = data_dir(workdir)
-  kind = "visor_tr" if stage.startswith("visor_tr_") else stage
+  kind = stage.rsplit("_", 1)[0] if stage.startswith(("visor_tr_", "relations_")) else stage
   c.num_steps = rc.steps[kind]
   c.optim.lr = rc.lr[kind]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, c.num_steps // 10))
@@ -75,14 +80,20 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   c.eval_items = 0                     # the evaluate stage does the accuracy
   c.eval_batches = 4
   c.log_every = max(1, min(50, c.num_steps))
-  if stage in ("readout", "lookup", "base"):
+  if kind in ("readout", "lookup", "relations", "base"):
     c.budgets = "all"
   c.data.pages_readout = stage == "readout"
-  c.data.pages_families = "fine" if stage == "lookup" else ""
+  c.data.pages_families = {"lookup": "fine", "relations": "fine,control,interaction"}.get(kind, "")
+  if kind == "relations":
+    c.data.pages_white_digits = int(stage.rsplit("_", 1)[1])
+  # The hop loss from the relation curriculum on (not VISOR-TR: its pooled tokens no longer
+  # follow the page layout the loss reads).
+  if kind not in ("readout", "lookup", "visor_tr"):
+    c.hop_loss.weight = rc.hop_weight
+  order = training_stages(rc)
   if stage != "readout":
-    c.init_from = paths.join(workdir, {"lookup": "readout", "base": "lookup", "stage1": "base",
-                                         "stage2": "stage1", "universal": "stage2",
-                                         "visor_tr": "universal"}[kind])
+    c.init_from = paths.join(workdir, "universal" if kind == "visor_tr"
+                             else order[order.index(stage) - 1])
   if stage == "stage1":
     c.optim.param_groups = train_config.GROUPS_STAGE1
     c.budgets = rc.stage1_budgets
@@ -107,8 +118,10 @@ def data_dir(workdir: str) -> str:
   return sources.LOCAL_DATA_CACHE if paths.is_remote(workdir) else os.path.join(workdir, "data")
 
 
-TRAINING_STAGES = ("readout", "lookup", "base", "stage1", "stage2", "universal")
-STAGES = TRAINING_STAGES + ("search", "router")
+def training_stages(rc) -> tuple[str, ...]:
+  """The training stages in order, each starting from the one before."""
+  return ("readout", "lookup", *(f"relations_{k}" for k in rc.relations), "base", "stage1",
+          "stage2", "universal")
 
 
 def _stage(workdir: str, name: str, fn: Callable[[str], bool]) -> str:
@@ -310,7 +323,7 @@ def router_stage(rc, workdir: str) -> Callable[[str], bool]:
 def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = print) -> dict:
   """All stages (skipping finished ones), then results/ under the workdir; returns results."""
   paths.makedirs(workdir)
-  for stage in TRAINING_STAGES:
+  for stage in training_stages(rc):
     _stage(workdir, stage, _train(stage_config(rc, stage, workdir)))
   _stage(workdir, "search", search_stage(rc, workdir))
   _stage(workdir, "router", router_stage(rc, workdir))
@@ -319,7 +332,8 @@ def reproduce(rc: ml_collections.ConfigDict, workdir: str, print_fn: Callable = 
   out_dir = paths.join(workdir, "evaluate")
   start = time.time()
   results = evaluate_all(rc, workdir, out_dir, print_fn)
-  seconds = {s: _seconds(workdir, s) for s in STAGES + tuple(visor_tr_stages(rc))}
+  seconds = {s: _seconds(workdir, s)
+             for s in training_stages(rc) + ("search", "router") + tuple(visor_tr_stages(rc))}
   seconds["evaluate"] = time.time() - start
   results["config"] = rc.to_dict()
   results["seconds"] = seconds
