@@ -94,6 +94,10 @@ def test_reproduction_runs_every_stage_and_resumes(tmp_path):
   first = reproduce.reproduce(rc, str(tmp_path), print_fn=lines.append)
   for stage in reproduce.training_stages(rc) + ("search", "router", "visor_tr_50"):
     assert os.path.exists(tmp_path / stage / reproduce.DONE), stage
+  # The hop loss trains from the relation stages on, and is logged.
+  logged = [json.loads(l) for l in (tmp_path / "relations_2" / "metrics.jsonl").open()]
+  assert any(np.isfinite(r.get("hop_loss", np.nan)) for r in logged)
+  assert not any("hop_loss" in l for l in (tmp_path / "lookup" / "metrics.jsonl").open())
   methods = {r["method"] for r in first["rows"]}
   assert methods == {"base", "fastv", "pyramiddrop", "visionzip", "visor", "router", "visor_tr",
                      "question_only"}
