@@ -66,7 +66,7 @@ QUESTIONS = {
     "count_blocks": "How many big blocks are there?",
     "has_block": "Is there a big {colour} block?",
     "colour_digit": "What is the {colour} digit?",
-    # H and V differ only in the relation word, so any accuracy gap is about the relation.
+    # The two differ only in the relation word, so any accuracy gap is about the relation.
     "right": "What digit is right of the {colour} {shape}?",
     "below": "What digit is below the {colour} {shape}?",
 }
