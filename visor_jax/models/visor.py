@@ -146,13 +146,12 @@ class VisorDecoder(nnx.Module):
     bool[B, L] fixes the budget; None lets the router choose it per sample, mid-prefill, at
     cost knob `threshold` (default `cfg.router.threshold`). `unroll`: see `run_layers`.
     """
+    args = (text_pos, vis_pos, text_valid, vis_valid)
+    if budget is not None:
+      return self.run_budget(text, vis, *args, budget, unroll=unroll)[0], budget, None
     if self.pos_conv is not None:
       vis = self.pos_conv(vis, vis_valid)
-    args = (text_pos, vis_pos, text_valid, vis_valid)
     n = self.cfg.num_layers
-    if budget is not None:
-      text, _ = self.run_layers(text, vis, *args, budget, 0, n, unroll=unroll)
-      return self.norm(text), budget, None
     if self.router is None:
       raise ValueError("budget: None needs a router (model.router.feasible is empty); pass "
                        "a bool[B, L] budget.")
@@ -162,6 +161,23 @@ class VisorDecoder(nnx.Module):
     budget, logits = self.route(text, text_valid, threshold)
     text, _ = self.run_layers(text, vis, *args, budget, first, n)
     return self.norm(text), budget, logits
+
+  def run_budget(self, text, vis, text_pos, vis_pos, text_valid, vis_valid, budget, *,
+                 unroll: bool = False, visual_after: int | None = None) -> tuple[Array, Array]:
+    """A given budget bool[B, L]: positional conv, every layer, final norm → (final-normed
+    text hidden states float[B, T, D], the visual stream float[B, N, D] leaving layer
+    `visual_after` - 1, or the last layer when None). `vis` enters before the conv. Splitting
+    the layer loop at `visual_after` changes nothing computed; the hop loss reads that stream
+    (training/hop_loss.py)."""
+    if self.pos_conv is not None:
+      vis = self.pos_conv(vis, vis_valid)
+    args = (text_pos, vis_pos, text_valid, vis_valid)
+    n = self.cfg.num_layers
+    split = n if visual_after is None else visual_after
+    text, vis = self.run_layers(text, vis, *args, budget, 0, split, unroll=unroll)
+    if split < n:
+      text, _ = self.run_layers(text, vis, *args, budget, split, n, unroll=unroll)
+    return self.norm(text), vis
 
   def route(self, text: Array, text_valid: Array, threshold=None) -> tuple[Array, Array]:
     """Hidden states entering the first SA candidate → (budget bool[B, L], router logits)."""

@@ -88,9 +88,8 @@ def hop_cosine(vis_embed: Array, vis_out: Array, head: Array, use: Array, grid: 
 
 
 def forward(model, inputs, budget: Array, layers: int, grid: int) -> tuple[Array, Array]:
-  """(logits float32[B, T, V], hop loss) at a fixed `budget`: the model's own forward
-  (`LlavaOnevision.hidden_states`), with the layer stack run in two parts so that the visual
-  stream after layers [0, `layers`) can be read."""
+  """(logits float32[B, T, V], hop loss) at a fixed `budget`: the model's own forward, with
+  the visual stream after layers [0, `layers`) read on the way (`VisorDecoder.run_budget`)."""
   head = model.decoder.hop_head
   if head is None:
     raise ValueError("hop_loss: the model has no hop head; set model.visor.hop_head=True in "
@@ -98,11 +97,8 @@ def forward(model, inputs, budget: Array, layers: int, grid: int) -> tuple[Array
   inputs = {k: inputs[k] for k in INPUT_KEYS}
   validate_inputs(model.cfg, inputs, budget)
   text, vis_embed = model.streams(inputs)
-  dec = model.decoder
-  vis = vis_embed if dec.pos_conv is None else dec.pos_conv(vis_embed, inputs["vis_valid"])
-  args = (inputs["text_pos"], inputs["vis_pos"], inputs["text_valid"], inputs["vis_valid"])
-  text, vis = dec.run_layers(text, vis, *args, budget, 0, layers)
-  text, _ = dec.run_layers(text, vis, *args, budget, layers, model.cfg.num_layers)
-  logits = model.logits(dec.norm(text))
+  hidden, vis = model.decoder.run_budget(
+      text, vis_embed, inputs["text_pos"], inputs["vis_pos"], inputs["text_valid"],
+      inputs["vis_valid"], budget, visual_after=layers)
   use = jnp.any(budget[:, :layers], axis=-1)
-  return logits, hop_cosine(vis_embed, vis, head[...], use, grid)
+  return model.logits(hidden), hop_cosine(vis_embed, vis, head[...], use, grid)

@@ -59,16 +59,19 @@ def make_loss_fn(graphdef: nnx.GraphDef, reduction: tr.Reduction | None = None,
                  hop: hop_loss.Spec | None = None) -> Callable:
   """(trainable, frozen, batch, budget) → (loss, (#tokens, #correct, token loss, hop loss)).
   The loss is the token loss, plus `hop.weight` x the hop loss (`hop_loss.py`) when given."""
+  if hop is not None and reduction is not None:
+    raise ValueError("the hop loss reads the page layout, which VISOR-TR's pooling removes.")
+
   def loss_fn(trainable, frozen, batch, budget):
     model = nnx.merge(graphdef, optim.merge(trainable, frozen))
     if hop is None:
       logits = forward(model, {k: batch[k] for k in INPUT_KEYS}, budget, reduction)
-      hop_value = jnp.zeros((), jnp.float32)
+      hop_value, weight = jnp.zeros((), jnp.float32), 0.0
     else:
       logits, hop_value = hop_loss.forward(model, batch, budget, hop.layers, hop.grid)
+      weight = hop.weight
     loss, n, correct = token_loss(logits, batch["targets"])
-    total = loss if hop is None else loss + hop.weight * hop_value
-    return total, (n, correct, loss, hop_value)
+    return loss + weight * hop_value, (n, correct, loss, hop_value)
   return loss_fn
 
 
