@@ -32,11 +32,12 @@ class PagesConfig(tfds.core.BuilderConfig):
   readout: bool = False
   families: tuple = pages.FAMILIES
   white_digits: int = 0  # > 0: sparse curriculum pages (pages.sparse_layout)
+  sparse_families: tuple = pages.FAMILIES  # the families whose pages white_digits thins
 
 
 def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
                 turns=1, readout=False, families=pages.FAMILIES,
-                white_digits=0) -> PagesConfig:
+                white_digits=0, sparse_families=pages.FAMILIES) -> PagesConfig:
   sizes = {**pages.DEFAULT_SIZES, **(sizes or {})}
   if set(sizes) != set(SPLITS) or min(sizes.values()) < 0:
     raise ValueError(f"sizes must give counts >= 0 for splits {SPLITS}, got {sizes}")
@@ -51,12 +52,15 @@ def make_config(seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
     if white_digits and (permute_rows or white_digits < 0):
       raise ValueError(f"white_digits={white_digits}: expected >= 0, never with permute_rows")
     families = pages.check_families(families)
+    sparse_families = pages.check_families(sparse_families)
+    if white_digits and sparse_families != pages.FAMILIES:
+      name += "-thin-" + "+".join(sparse_families)
     if families != pages.FAMILIES:
       name += "-" + "+".join(families)
   return PagesConfig(name=name, seed=int(seed), sizes=tuple((s, int(sizes[s])) for s in SPLITS),
                      grid=int(grid), permute_rows=bool(permute_rows), read_turn=bool(read_turn),
                      turns=int(turns), readout=bool(readout), families=tuple(families),
-                     white_digits=int(white_digits))
+                     white_digits=int(white_digits), sparse_families=tuple(sparse_families))
 
 
 class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
@@ -73,8 +77,9 @@ class VisorPagesVqa(synthetic.RecordsBuilder, skip_registration=True):
       return pages.readout_example(c.seed, split, index)[0]
     if c.families != pages.FAMILIES:  # the full split's records of these families, in order
       index = pages.family_index(c.seed, split, index, c.families)
+    thin = c.white_digits and pages.slot(c.seed, split, index)[0] in c.sparse_families
     return pages.generate_example(c.seed, split, index, c.grid, c.permute_rows, c.read_turn,
-                                  c.turns, c.white_digits)[0]
+                                  c.turns, c.white_digits if thin else 0)[0]
 
 
 def _builder(data_dir, **params) -> VisorPagesVqa:
@@ -83,14 +88,16 @@ def _builder(data_dir, **params) -> VisorPagesVqa:
 
 
 def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn=False,
-          turns=1, readout=False, families=pages.FAMILIES, white_digits=0) -> str:
+          turns=1, readout=False, families=pages.FAMILIES, white_digits=0,
+          sparse_families=pages.FAMILIES) -> str:
   """Builds the dataset under `data_dir` unless present (idempotent); returns `data_dir`.
   `readout`: the 1 x 1 readout variant (`readout_example`) instead of full pages;
   `families`: only the records of these families (`pages.family_index`); `white_digits` > 0:
-  sparse pages with that many white digits (`pages.sparse_layout`)."""
+  sparse pages with that many white digits (`pages.sparse_layout`) for the questions of
+  `sparse_families` (the others keep full pages)."""
   builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
                      read_turn=read_turn, turns=turns, readout=readout, families=families,
-                     white_digits=white_digits)
+                     white_digits=white_digits, sparse_families=sparse_families)
   if not builder.is_prepared():  # nothing to download; never ask GCS for a prebuilt copy
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -99,11 +106,11 @@ def build(data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False, read_turn
 
 def records(split, data_dir, *, seed=0, sizes=None, grid=8, permute_rows=False,
             read_turn=False, turns=1, readout=False, families=pages.FAMILIES,
-            white_digits=0) -> Records:
+            white_digits=0, sparse_families=pages.FAMILIES) -> Records:
   """The built `split` (same parameters as `build`); raises if it was never built."""
   builder = _builder(data_dir, seed=seed, sizes=sizes, grid=grid, permute_rows=permute_rows,
                      read_turn=read_turn, turns=turns, readout=readout, families=families,
-                     white_digits=white_digits)
+                     white_digits=white_digits, sparse_families=sparse_families)
   if not builder.is_prepared():
     raise FileNotFoundError(f"{builder.data_dir} is not built; call pages_build.build() first")
   return Records(builder.as_data_source(split=split))

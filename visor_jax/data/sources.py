@@ -7,6 +7,8 @@ records a split holds.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 
@@ -14,10 +16,11 @@ import ml_collections
 
 from visor_jax import paths
 from visor_jax.config_lib import ModelConfig
-from visor_jax.data import pages, pages_build, pipeline, preprocess, synthetic
+from visor_jax.data import curriculum, pages, pages_build, pipeline, preprocess, synthetic
 from visor_jax.data.tokenizer import Tokenizer
 
 SOURCES = ("synthetic", "pages", "json")
+log = logging.getLogger(__name__)
 
 
 # Where the embedded datasets of a run whose workdir is a URL (gs://) are built: tfds writes
@@ -62,8 +65,8 @@ def question_format(data: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   record), so every record is asked as at evaluation: what the router's pseudo-labels need
   (it routes at the question's last prompt token)."""
   out = ml_collections.ConfigDict(data.to_dict())
-  if out.get("source") == "pages":
-    out.pages_read_turn, out.pages_turns = False, 1
+  if out.get("source") == "pages":  # and full pages, not the curriculum's
+    out.pages_read_turn, out.pages_turns, out.pages_curriculum = False, 1, ""
   return out
 
 
@@ -105,12 +108,26 @@ def quiet_tfds() -> None:
 
 
 def source_for(data: ml_collections.ConfigDict, split: str, workdir: str):
-  """The records of one split (None when a JSON run has no file for it)."""
+  """The records of one split (None when a JSON run has no file for it). With a pages
+  curriculum, train is its phases' builds in order (`data/curriculum.py`)."""
   found = embedded(data)
   if found is not None:
     quiet_tfds()
     module, params = found
     directory = synthetic_dir(data, workdir)
+    phases = curriculum.parse(data.get("pages_curriculum", "")) if split == "train" else ()
+    if phases and data.source == "pages":
+      import jax  # the global batch: every host reads the same phase at the same step
+      per_step = data.batch_size * jax.process_count()
+      parts = []
+      for phase in phases:
+        phase_params = curriculum.phase_params(params, phase, phase.steps * per_step)
+        with contextlib.redirect_stdout(io.StringIO()):  # tfds prints two lines per build
+          module.build(directory, **phase_params)
+        parts.append(module.records(split, directory, **phase_params))
+        log.info("curriculum phase %s: %d steps, %d records", phase.label, phase.steps,
+                 len(parts[-1]))
+      return curriculum.Concatenated(parts)
     module.build(directory, **params)  # a no-op when already built
     return module.records(split, directory, **params)
   if data.source == "json":
@@ -148,10 +165,12 @@ def pipeline_kwargs(data: ml_collections.ConfigDict) -> dict:
 def train_iterator(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str,
                    image_spec: preprocess.ImageProcessorSpec | None = None):
   """Shuffled, repeated, host-sharded, checkpointable training batches (images preprocessed
-  as `image_spec` says; None: the default for the geometry)."""
+  as `image_spec` says; None: the default for the geometry). A pages curriculum is read in
+  order, not shuffled: its phases must follow one another."""
+  in_order = bool(curriculum.check(config))
   return pipeline.make_iterator(source_for(config.data, "train", workdir), tokenizer, cfg,
-                                pipeline_kwargs(config.data), num_epochs=None, shuffle=True,
-                                image_spec=image_spec)
+                                pipeline_kwargs(config.data), num_epochs=None,
+                                shuffle=not in_order, image_spec=image_spec)
 
 
 def eval_batches(config, cfg: ModelConfig, tokenizer: Tokenizer, workdir: str, split: str =
