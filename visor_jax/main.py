@@ -3,7 +3,7 @@
 The config file decides what runs: training (`training/train.py`), or router training
 (`training/router_train.py`) for configs/router.py. Its `get_config(arg)` takes `:key=value`
 variants. With no arguments the default config trains a small VISOR model on the embedded
-synthetic data on CPU and prints the evaluation table.
+pages dataset through its curriculum on CPU and prints the evaluation table.
 
 Also the package's console scripts (pyproject.toml): `visor-train` is this command,
 `visor-eval`, `visor-serve`, `visor-reproduce`, `visor-export`, `visor-flops` and

@@ -61,6 +61,9 @@ def default(model: str = "small") -> ml_collections.ConfigDict:
                                     # 'fine,coarse'; '' all): the reproduction's lookup stage
       pages_white_digits=0,         # source='pages': > 0 keeps that many white digits per
                                     # page (the relation curriculum; pages.sparse_layout)
+      pages_curriculum="",          # source='pages': train phases read in order, e.g.
+                                    # 'readout:200,fine:500,all/4:250,all:400'; must span
+                                    # num_steps (data/curriculum.py); '' = one build
       batch_size=8,                 # per host
       text_buckets=(128,),          # static text lengths; each batch uses one
       max_visual=0,                 # 0 → the model's largest AnyRes token count
@@ -143,6 +146,37 @@ def pages(grid: int = 6, turns: int = 6, read_turn: bool = False) -> ml_collecti
   d.batch_size = 16
   d.synthetic_sizes = dict(train=20000, validation=400, test=400)
   c.eval_max_new_tokens = 4           # every answer is one token
+  return c
+
+
+# The default command's curriculum (data/curriculum.py): read digits, find the coloured one,
+# then the relations on pages with 1, 2, 4, 8 white digits, then full pages.
+DEMO_CURRICULUM = ("readout:200,fine/1:150,fine/2:150,fine/4:150,fine:200,"
+                   + ",".join(f"all/{k}@control+interaction:300" for k in (1, 2, 4, 8))
+                   + ",all:300")
+
+
+def pages_demo() -> ml_collections.ConfigDict:
+  """The default command (`configs/universal.py` with no arguments): a universal VISOR model
+  trained from scratch on the pages dataset in one run, through DEMO_CURRICULUM, with the
+  hop loss (training/hop_loss.py) and every default budget plus 'all' (every layer SA: the
+  LLaVA-OV-style base) sampled per step; then the accuracy table per family and budget on 400
+  validation questions (100 per family). About 8 minutes on 2 CPU cores (README)."""
+  c = pages(6, turns=1)
+  c.model.visor.hop_head = True
+  c.hop_loss.weight = 1.0
+  c.budgets = "[];[4];[1,4]"
+  c.budget_weights = (1.0, 1.0, 2.0)
+  c.data.pages_curriculum = DEMO_CURRICULUM
+  c.num_steps = sum(int(p.rpartition(":")[2]) for p in DEMO_CURRICULUM.split(","))
+  # Train comes from the curriculum's own builds; the full pages' train split only feeds the
+  # router (configs/router.py) its pseudo-labels.
+  c.data.synthetic_sizes = dict(train=2048, validation=400, test=1600)
+  c.eval_items = 400
+  c.eval_every = 0
+  c.eval_batches = 4
+  c.ckpt_every = 500
+  c.log_every = 100
   return c
 
 
