@@ -1,7 +1,8 @@
 r"""The one-command reproduction on the pages dataset (visor_jax/reproduce.py, docs/reproduce.md):
-readout (1 x 1 pages) -> lookup (fine questions only) -> relations on sparse pages (1, 2, 4, 8
-white digits, with the hop loss) -> base all-SA model -> stage 1 -> stage 2 -> universal ->
-feasible search -> router -> every method evaluated on the test split -> results/{results.json, results.md, pareto.png}.
+readout (1 x 1 pages) -> lookup (fine questions only, on sparse then full pages) -> relations
+(their questions on sparse pages with 1, 2, 4, 8 white digits, with the hop loss) -> base
+all-SA model -> stage 1 -> stage 2 -> universal -> feasible search -> router -> every method
+evaluated on the test split -> results/{results.json, results.md, pareto.png}.
 
   python -m visor_jax.reproduce --config=configs/reproduce.py --workdir=/tmp/visor_repro
   python -m visor_jax.reproduce --config=configs/reproduce.py:scale=tiny --workdir=/tmp/r  # smoke
@@ -24,12 +25,15 @@ def get_config(arg=None):
   # Questions per train record. 1: at 6 (more supervision per page) a step costs ~3x and
   # nothing was learned faster per second (docs/pages_dataset.md, "Families one at a time").
   c.turns = 1
-  # Training steps per stage; lr per stage (new parts and the LLM from the base onward).
-  c.steps = dict(readout=200, lookup=800, relations=350, base=2500, stage1=800, stage2=400,
+  # Training steps per stage (lookup: its curriculum's, below); lr per stage (new parts and the LLM from the base onward).
+  c.steps = dict(readout=200, relations=350, base=2500, stage1=800, stage2=400,
                  universal=1500, visor_tr=500)   # visor_tr: each ratio fine-tuned from universal
   # relations: steps per curriculum stage, one stage per count of white digits left on a page
   # (pages.sparse_layout); the relation families never left chance without it.
   c.relations = (1, 2, 4, 8)
+  # lookup: its own curriculum (data/curriculum.py): fine questions on pages with 1, 2, 4 white
+  # digits, then full pages (a single full-page phase was learned in some runs, not others).
+  c.lookup = "fine/1:150,fine/2:150,fine/4:150,fine:350"
   # The hop loss's weight (training/hop_loss.py) from the relation stages on.
   c.hop_weight = 1.0
   # Stage 1 (new parts only, the LLM frozen) samples every default budget, CA-only included,
@@ -48,9 +52,10 @@ def get_config(arg=None):
   if v.scale == "tiny":           # the CI smoke test: every stage runs, nothing is learned
     c.grid = 6
     c.batch = 8
-    c.steps = dict(readout=1, lookup=1, relations=1, base=2, stage1=1, stage2=1, universal=2,
+    c.steps = dict(readout=1, relations=1, base=2, stage1=1, stage2=1, universal=2,
                    visor_tr=1)
     c.relations = (2,)
+    c.lookup = "fine/2:1,fine:1"
     c.sizes = dict(train=48, validation=16, test=16)
     c.search_items = 8
     c.router = dict(num_samples=8, epochs=2, threshold=0.5)

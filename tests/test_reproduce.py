@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from visor_jax.data import pages, sources
+from visor_jax.data import curriculum, pages, sources
 from visor_jax.evaluation import report
 
 FAMILIES = {"coarse": {"kind": "coarse", "chance": 0.3},
@@ -57,9 +57,9 @@ def _reproduce_config(arg=None):
 
 
 def test_stages_chain_readout_lookup_relations_base_and_which_filter_families():
-  """readout (1 x 1 pages) -> lookup (full pages, fine questions alone, one per record) ->
-  relations on sparse pages (1, 2, 4, 8 white digits; no coarse questions) -> base -> stage1
-  -> ...: each starts from the one before; the base and later stages see every family on
+  """readout (1 x 1 pages) -> lookup (fine questions alone, one per record, on sparse then
+  full pages) -> relations (every family, the relation questions on pages with 1, 2, 4, 8
+  white digits) -> base -> stage1 -> ...: each starts from the one before; the base and later stages see every family on
   full pages; the hop loss is on from the relations on, except for VISOR-TR."""
   from visor_jax import reproduce
   rc = _reproduce_config()
@@ -68,17 +68,20 @@ def test_stages_chain_readout_lookup_relations_base_and_which_filter_families():
                     "relations_8", "base", "stage1", "stage2", "universal")
   c = {s: reproduce.stage_config(rc, s, "/w") for s in stages}
   assert [c[s].init_from for s in c] == ["", *(f"/w/{s}" for s in stages[:-1])]
-  assert [c[s].data.pages_families for s in c] == (
-      ["", "fine"] + ["fine,control,interaction"] * 4 + [""] * 4)
-  assert [c[s].data.pages_white_digits for s in c] == [0, 0, 1, 2, 4, 8, 0, 0, 0, 0]
+  assert [c[s].data.pages_curriculum for s in c] == (
+      ["", rc.lookup] + [f"all/{k}@control+interaction:{rc.steps.relations}"
+                         for k in (1, 2, 4, 8)] + [""] * 4)
+  assert rc.lookup.startswith("fine/1:") and rc.lookup.split(",")[-1].startswith("fine:")
   assert [c[s].hop_loss.weight for s in c] == [0, 0] + [rc.hop_weight] * 8
-  assert [c[s].num_steps for s in c][2:6] == [rc.steps.relations] * 4
+  assert [c[s].num_steps for s in c][1:6] == [
+      curriculum.total_steps(curriculum.parse(rc.lookup)), *[rc.steps.relations] * 4]
+  for s in stages:
+    curriculum.check(c[s])   # each stage's curriculum spans its steps
   assert [c[s].data.pages_readout for s in c] == [True] + [False] * 9
   assert c["lookup"].data.pages_turns == 1 and c["base"].data.pages_turns == rc.turns
   assert {c[s].budgets for s in stages[:7]} == {"all"}
   assert (c["stage1"].budgets, c["stage2"].budgets) == ("default", "maximal") == (
       rc.stage1_budgets, "maximal")
-  assert sources.pages_params(c["lookup"].data)["families"] == ("fine",)
   tr = reproduce.stage_config(rc, "visor_tr_25", "/w")
   assert (tr.visor_tr_keep, tr.init_from, tr.num_steps) == (0.25, "/w/universal",
                                                            rc.steps.visor_tr)

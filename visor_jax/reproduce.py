@@ -7,10 +7,11 @@ rerun; an interrupted training stage resumes from its own checkpoint):
 
   readout/    from scratch, every layer self-attends, on 1 x 1 pages (one coloured digit):
               the LLM learns to read a digit from a visual token (pages.readout_example)
-  lookup/     the same model on full pages, `fine` questions only: it learns to find the one
-              coloured digit among ~30 white ones (with the other families mixed in, it did not)
-  relations_1/, _2/, _4/, _8/  fine, control and interaction questions on sparse pages with
-              1, 2, 4, 8 white digits, with the hop loss (training/hop_loss.py): the relation
+  lookup/     the same model, `fine` questions only, on pages with 1, 2, 4 white digits, then
+              full pages: it learns to find the one coloured digit among ~30 white ones (with
+              the other families mixed in, or on full pages at once, it did not reliably)
+  relations_1/, _2/, _4/, _8/  every family, the relation questions on sparse pages with 1, 2,
+              4, 8 white digits, with the hop loss (training/hop_loss.py): the relation
               curriculum, without which the relation families never left chance
   base/       the LLaVA-OV-style model: every layer self-attends (budget 'all'), from lookup/
   stage1/     VISOR's new parts only (cross-attention, positional conv), maximal budget
@@ -44,7 +45,7 @@ from ml_collections import config_flags
 
 from visor_jax import budgets as budgets_lib
 from visor_jax import paths, runs
-from visor_jax.data import inputs, pages, pages_build, sources
+from visor_jax.data import curriculum, inputs, pages, pages_build, sources
 from visor_jax.data.conversations import ImageLoader
 from visor_jax.evaluation import harness, report
 from visor_jax.evaluation import main as eval_main
@@ -73,7 +74,8 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   c.data.synthetic_sizes = dict(rc.sizes)
   c.data.synthetic_dir = data_dir(workdir)
   kind = stage.rsplit("_", 1)[0] if stage.startswith(("visor_tr_", "relations_")) else stage
-  c.num_steps = rc.steps[kind]
+  c.num_steps = (curriculum.total_steps(curriculum.parse(rc.lookup)) if kind == "lookup"
+                 else rc.steps[kind])
   c.optim.lr = rc.lr[kind]
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, c.num_steps // 10))
   c.ckpt_every = max(1, min(200, c.num_steps))
@@ -83,9 +85,14 @@ def stage_config(rc: ml_collections.ConfigDict, stage: str, workdir: str
   if kind in ("readout", "lookup", "relations", "base"):
     c.budgets = "all"
   c.data.pages_readout = stage == "readout"
-  c.data.pages_families = {"lookup": "fine", "relations": "fine,control,interaction"}.get(kind, "")
-  if kind == "relations":
-    c.data.pages_white_digits = int(stage.rsplit("_", 1)[1])
+  # lookup and relations: one-stage curricula (data/curriculum.py). The coloured digit on pages
+  # with 1, 2, 4 white digits, then full pages; then every family with only the relation
+  # questions on sparse pages (coarse and fine keep full pages, so neither is forgotten).
+  if kind == "lookup":
+    c.data.pages_curriculum = rc.lookup
+  elif kind == "relations":
+    white = int(stage.rsplit("_", 1)[1])
+    c.data.pages_curriculum = f"all/{white}@control+interaction:{c.num_steps}"
   # The hop loss from the relation curriculum on (not VISOR-TR: its pooled tokens no longer
   # follow the page layout the loss reads).
   if kind not in ("readout", "lookup", "visor_tr"):
