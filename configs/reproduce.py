@@ -25,7 +25,8 @@ def get_config(arg=None):
   # Questions per train record. 1: at 6 (more supervision per page) a step costs ~3x and
   # nothing was learned faster per second (docs/pages_dataset.md, "Families one at a time").
   c.turns = 1
-  # Training steps per stage (lookup: its curriculum's, below); lr per stage (new parts and the LLM from the base onward).
+  # Training steps per stage (lookup: its curriculum's, below); lr per stage (new parts and
+  # the LLM from the base onward).
   c.steps = dict(readout=200, relations=350, base=2500, stage1=800, stage2=400,
                  universal=1500, visor_tr=500)   # visor_tr: each ratio fine-tuned from universal
   # relations: steps per curriculum stage, one stage per count of white digits left on a page

@@ -2,7 +2,7 @@ r"""Universal VISOR training: every step samples one feasible budget (set of SA 
 
 Default (no arguments): VISOR trained from scratch on the embedded pages dataset through a
 curriculum (1 x 1 pages, the coloured digit, relations on sparse pages, full pages; see
-`training.config.pages_demo`), on CPU, in about 8 minutes; ends with the eval table (accuracy
+`training.config.pages_demo`), on CPU, in about 9 minutes; ends with the eval table (accuracy
 per question family and budget with 95% intervals, FLOPs per budget):
 
   python -m visor_jax.main --config=configs/universal.py --workdir=/tmp/visor_universal

@@ -7,7 +7,7 @@ relations on sparse pages with 1, 2, 4, 8 white digits, then on full pages. The 
 runs those phases as separate training runs; `data.pages_curriculum` puts them in one run, so
 the default command (`configs/universal.py`) trains one model through all of them.
 
-    data.pages_curriculum = "readout:150,fine/1:100,fine/4:100,all/2@control+interaction:300,all:400"
+    data.pages_curriculum = "readout:200,fine/1:150,fine:200,all/2@control+interaction:300,all:300"
 
 Each phase is `WHAT:STEPS`. WHAT is `readout` (1 x 1 pages: one coloured digit,
 `pages.readout_example`) or a '+'-joined list of families (`all`: every family), optionally

@@ -161,7 +161,7 @@ def pages_demo() -> ml_collections.ConfigDict:
   trained from scratch on the pages dataset in one run, through DEMO_CURRICULUM, with the
   hop loss (training/hop_loss.py) and every default budget plus 'all' (every layer SA: the
   LLaVA-OV-style base) sampled per step; then the accuracy table per family and budget on 400
-  validation questions (100 per family). About 8 minutes on 2 CPU cores (README)."""
+  validation questions (100 per family). About 9 minutes on 2 CPU cores (README)."""
   c = pages(6, turns=1)
   c.model.visor.hop_head = True
   c.hop_loss.weight = 1.0
