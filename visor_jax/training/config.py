@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from visor_jax import model_configs
+from visor_jax.data import curriculum
 from visor_jax.sharding import DEFAULT_RULES
 
 # Parameter groups (regex over dotted parameter paths, first match wins; see optim.py).
@@ -159,16 +160,17 @@ DEMO_CURRICULUM = ("readout:200,fine/1:150,fine/2:150,fine/4:150,fine:200,"
 def pages_demo() -> ml_collections.ConfigDict:
   """The default command (`configs/universal.py` with no arguments): a universal VISOR model
   trained from scratch on the pages dataset in one run, through DEMO_CURRICULUM, with the
-  hop loss (training/hop_loss.py) and every default budget plus 'all' (every layer SA: the
-  LLaVA-OV-style base) sampled per step; then the accuracy table per family and budget on 400
-  validation questions (100 per family). About 9 minutes on 2 CPU cores (README)."""
+  hop loss (training/hop_loss.py) and the default budgets CA-only, SA{4}, SA{1,4} sampled
+  1 : 1 : 2 per step (the hop loss only reaches budgets with SA in layers [0, 2)); then the
+  accuracy table per family and budget on 400 validation questions (100 per family). About
+  9 minutes on 2 CPU cores (README)."""
   c = pages(6, turns=1)
   c.model.visor.hop_head = True
   c.hop_loss.weight = 1.0
   c.budgets = "[];[4];[1,4]"
   c.budget_weights = (1.0, 1.0, 2.0)
   c.data.pages_curriculum = DEMO_CURRICULUM
-  c.num_steps = sum(int(p.rpartition(":")[2]) for p in DEMO_CURRICULUM.split(","))
+  c.num_steps = curriculum.total_steps(curriculum.parse(DEMO_CURRICULUM))
   # Train comes from the curriculum's own builds; the full pages' train split only feeds the
   # router (configs/router.py) its pseudo-labels.
   c.data.synthetic_sizes = dict(train=2048, validation=400, test=1600)
