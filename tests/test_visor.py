@@ -11,6 +11,7 @@ from model_fixtures import perturb_new_parts as _perturb_new_parts
 from model_fixtures import prompt_ids as _prompt_ids
 from visor_jax import budgets, config_lib, model_configs
 from visor_jax.data import inputs as inputs_lib
+from visor_jax.models import visor
 from visor_jax.models.llava_onevision import LlavaOnevision
 
 
@@ -123,6 +124,39 @@ def test_static_unrolled_budget_equals_scanned(setup):
   assert loops(closed) == loops(static) + 1  # the LLM layers: scanned vs unrolled
   with pytest.raises(ValueError, match="concrete budget"):
     jax.jit(lambda st, x, b: nnx.merge(graphdef, st)(x, b, unroll=True))(state, batch, budget)
+
+
+def test_serving_layout_computes_the_stacked_function(setup):
+  """`visor.serving_layout` (one module per layer, no scan, kernels [out, in]) gives the
+  stacked model's logits at every budget, mixed per-sample ones included, from one compiled
+  program, without the scan over the LLM layers; its weights are their own arrays, axes
+  without 'layers'."""
+  cfg, _, _, _, samples = setup
+  cfg = dataclasses.replace(cfg, attention_impl="xla")  # no attention loops in the count below
+  model = LlavaOnevision(cfg, rngs=nnx.Rngs(7))
+  _perturb_new_parts(model)
+  stacked_def = nnx.graphdef(model)
+  forward = jax.jit(lambda st, x, b: nnx.merge(stacked_def, st)(x, b))
+  served = visor.serving_layout(model)
+  assert len(served.decoder.layers) == cfg.num_layers
+  assert len(served.decoder.cross) == len(cfg.visor.ca_layers)
+  kernel = served.decoder.layers[2].mlp.gate_proj.kernel  # its own array, stored [out, in]
+  np.testing.assert_array_equal(kernel[...], model.decoder.layers.mlp.gate_proj.kernel[...][2].T)
+  assert kernel.get_metadata()["out_sharding"] == ("mlp", "embed")
+  assert served.decoder.cross[1].attn.q_proj.out_in
+  assert isinstance(model.decoder.layers.mlp.gate_proj.kernel[...], jax.Array)  # untouched
+  assert model.decoder.layers.mlp.gate_proj.kernel.shape[0] == cfg.num_layers
+  batch = inputs_lib.collate(samples)
+  graphdef, state = nnx.split(served)
+  serve = jax.jit(lambda st, x, b: nnx.merge(graphdef, st)(x, b))
+  for budget in (np.concatenate([budgets.all_sa(cfg), budgets.ca_only(cfg),
+                                 budgets.mask(cfg, [1, 5])]),
+                 budgets.ca_only(cfg, 3), budgets.all_sa(cfg, 3)):
+    np.testing.assert_allclose(np.asarray(serve(state, batch, budget)),
+                               _logits(forward, model, batch, budget), atol=1e-5, rtol=0)
+  assert serve._cache_size() == 1
+  loops = lambda f, st: f.lower(st, batch, budget).as_text().count("stablehlo.while")
+  assert loops(serve, state) == loops(forward, nnx.state(model)) - 1  # the LLM layers' scan
 
 
 def test_bf16_compute_with_f32_params_tracks_f32(setup):

@@ -17,7 +17,8 @@ import ml_collections
 CA_GATES = ("zero_out", "tanh")
 CA_INITS = ("copy_self_attn", "random")
 DTYPES = ("float32", "bfloat16", "float16")
-# model.attention_impl (None = 'xla'): see `visor_jax.models.nn.attention`.
+# model.attention_impl (None = the backend's default, `nn.default_implementation`: 'blockwise'
+# on CPU, 'xla' elsewhere): see `visor_jax.models.nn.attention`.
 ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash")
 
 
@@ -112,7 +113,8 @@ class ModelConfig:
   vision_aspect_ratio: str = "anyres_max_9"
   dtype: str = "float32"          # compute dtype (activations, matmuls)
   param_dtype: str = "float32"    # storage dtype of parameters
-  # None/'xla': jax.nn.dot_product_attention's XLA path; 'cudnn': its fused GPU kernel;
+  # None: 'blockwise' on CPU, 'xla' elsewhere; 'xla': jax.nn.dot_product_attention's XLA
+  # path; 'cudnn': its fused GPU kernel;
   # 'blockwise': flash-style plain JAX, no [T, T] array (models/blockwise_attention.py);
   # 'splash': the Pallas TPU kernel for self-attention, blockwise for the rest
   # (models/splash_attention.py; interpret mode off TPU).

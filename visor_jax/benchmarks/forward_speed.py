@@ -17,7 +17,12 @@ disturbed by other processes re-run (see `interleaved_medians`). About 2.5 minut
 
 Run: python -m visor_jax.benchmarks.forward_speed [--image_size=384] [--text_len=64]
      [--layers=6] [--vision_layers=4] [--repeats=3] [--skip_torch]
-     [--attention_impl=xla|blockwise]
+     [--attention_impl=xla|blockwise] [--layouts=serving --layouts=stacked]
+
+Both layer-weight layouts are timed in one interleaved group: serving (`visor.serving_layout`,
+what the Generator serves with) and stacked (the scanned training layout, which copies each
+layer's weights out of the stack on every call). The compute floor is the analytic FLOPs at
+the rate of one large float32 matmul timed beside the forwards: no forward runs faster.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from visor_jax import budgets, config_lib, flops, model_configs
 from visor_jax.benchmarks import transformers_ref
 from visor_jax.config_lib import ModelConfig
 from visor_jax.data import inputs as inputs_lib
+from visor_jax.models import visor
 from visor_jax.models.llava_onevision import LlavaOnevision
 
 FLAGS = flags.FLAGS
@@ -52,6 +58,10 @@ flags.DEFINE_list("sa_counts", ["0", "2", "4"], "VISOR budgets: numbers of SA la
                   "(budgets.spread_layers), besides the full all-SA budget.")
 flags.DEFINE_bool("skip_torch", False, "Skip the transformers (PyTorch) reference timings.")
 flags.DEFINE_bool("skip_bf16", False, "Skip the bfloat16 timings.")
+LAYOUTS = {"serving": "one module per layer, kernels [out, in] (`visor.serving_layout`)",
+           "stacked": "stacked, scanned (training and checkpoints)"}
+flags.DEFINE_multi_enum("layouts", list(LAYOUTS), list(LAYOUTS),
+                        "Layer-weight layouts to time (the first is compared with transformers).")
 flags.DEFINE_enum("attention_impl", "blockwise", ["xla", "blockwise"],
                   "Our attention (`model.attention_impl`; 'blockwise' is the CPU default).")
 
@@ -94,6 +104,19 @@ class Timing:
   seconds: float
   clean: int
   disturbed: int
+
+
+MATMUL = (1549, 896, 4864)  # the LLM MLP's shape at 1,549 tokens: XLA's best rate on this CPU
+
+
+def matmul_fn() -> Callable[[], Any]:
+  """One float32 MATMUL-shaped matmul, to time beside the forwards: its rate (FLOPs / time)
+  is the most any forward's FLOPs can average here."""
+  rng = np.random.default_rng(0)
+  m, k, n = MATMUL
+  x, w = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in ((m, k), (k, n)))
+  f = jax.jit(jnp.dot)
+  return lambda: f(x, w)
 
 
 def busy_cpu_seconds() -> float | None:
@@ -158,9 +181,9 @@ class OurPrograms:
   llm: Callable        # (state, inputs, vis, budget) → logits: the LLM part alone
 
 
-def our_programs(cfg: ModelConfig) -> OurPrograms:
+def our_programs(model: LlavaOnevision) -> OurPrograms:
   """Split once and jit pure functions, so no per-call NNX graph traversal is timed."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LlavaOnevision(cfg, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(model)
 
   def vision(state, x):
     m = nnx.merge(graphdef, state)
@@ -178,10 +201,11 @@ def our_programs(cfg: ModelConfig) -> OurPrograms:
                      vision=jax.jit(vision), llm=jax.jit(llm))
 
 
-def our_fns(cfg: ModelConfig, state, batch, rows: Sequence[dict], llm_too: bool = True
+def our_fns(model: LlavaOnevision, batch, rows: Sequence[dict], llm_too: bool = True
             ) -> tuple[dict[str, Callable[[], Any]], OurPrograms]:
   """Closures to time: 'vision' and, per budget row, '<name>/forward' (and '<name>/llm')."""
-  progs = our_programs(cfg)
+  progs = our_programs(model)
+  state = nnx.state(model)
   x = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()})
   vis = jax.block_until_ready(progs.vision(state, x))
   fns = {"vision": lambda: progs.vision(state, x)}
@@ -278,47 +302,71 @@ def main(argv: Sequence[str]) -> None:
   print(f"Analytic full forward: {full['total'] / 1e9:.0f} GFLOPs (vision tower + projector "
         f"{(full['vision'] + full['projector']) / 1e9:.0f}, LLM {full['llm'] / 1e9:.0f}).")
 
-  state = nnx.state(LlavaOnevision(cfg, rngs=nnx.Rngs(0)))
-  fns, progs = our_fns(cfg, state, batch, rows)
+  base = LlavaOnevision(cfg, rngs=nnx.Rngs(0))
+  models = {"serving": visor.serving_layout(base), "stacked": base}
+  fns, progs = {}, {}
+  for layout in FLAGS.layouts:
+    layout_fns, progs[layout] = our_fns(models[layout], batch, rows)
+    fns.update({f"{layout} {name}": fn for name, fn in layout_fns.items()
+                if name != "vision" or not fns})
   ours = interleaved_medians(fns, FLAGS.repeats)
-  t_full = {k: ours[f"{rows[0]['name']}/{k}"].seconds for k in ("forward", "llm")}
-  print(f"\nOurs, float32, budget as data: {compilations(progs)} compilation(s) per function "
-        f"for all budgets. Vision tower + projector + packing alone: {_ms(ours['vision'])} ms.")
-  header = (f"{'budget':<20} {'fwd ms':>7} {'speed-up':>8} {'FLOPs':>6} {'ratio':>5} | "
-            f"{'LLM ms':>7} {'speed-up':>8} {'FLOPs':>6} {'ratio':>5}")
-  print(header + "\n" + "-" * len(header))
-  for row in rows:
-    t = {k: ours[f"{row['name']}/{k}"] for k in ("forward", "llm")}
-    f = row["flops"]
-    sp, an = t_full["forward"] / t["forward"].seconds, full["total"] / f["total"]
-    sp_llm, an_llm = t_full["llm"] / t["llm"].seconds, full["llm"] / f["llm"]
-    print(f"{row['name']:<20} {_ms(t['forward']):>7} {sp:>7.2f}x {an:>5.2f}x {sp / an:>5.2f} | "
-          f"{_ms(t['llm']):>7} {sp_llm:>7.2f}x {an_llm:>5.2f}x {sp_llm / an_llm:>5.2f}")
+  vision = ours[next(iter(fns))]
+  print(f"\nOurs, float32, budget as data: "
+        f"{max(compilations(p) for p in progs.values())} compilation(s) per function for all "
+        f"budgets. Vision tower + projector + packing alone: {_ms(vision)} ms.")
+  for layout in FLAGS.layouts:
+    print(f"\nLayer weights: {LAYOUTS[layout]}")
+    key = lambda row, k: f"{layout} {row['name']}/{k}"  # noqa: E731
+    t_full = {k: ours[key(rows[0], k)].seconds for k in ("forward", "llm")}
+    header = (f"{'budget':<20} {'fwd ms':>7} {'speed-up':>8} {'FLOPs':>6} {'ratio':>5} | "
+              f"{'LLM ms':>7} {'speed-up':>8} {'FLOPs':>6} {'ratio':>5}")
+    print(header + "\n" + "-" * len(header))
+    for row in rows:
+      t = {k: ours[key(row, k)] for k in ("forward", "llm")}
+      f = row["flops"]
+      sp, an = t_full["forward"] / t["forward"].seconds, full["total"] / f["total"]
+      sp_llm, an_llm = t_full["llm"] / t["llm"].seconds, full["llm"] / f["llm"]
+      print(f"{row['name']:<20} {_ms(t['forward']):>7} {sp:>7.2f}x {an:>5.2f}x {sp / an:>5.2f} | "
+            f"{_ms(t['llm']):>7} {sp_llm:>7.2f}x {an_llm:>5.2f}x {sp_llm / an_llm:>5.2f}")
   print("fwd: whole forward (vision tower .. logits). LLM: decoder + lm head on precomputed "
         "visual tokens.\nspeed-up: measured vs the full budget; FLOPs: analytic speed-up "
-        "(visor_jax.flops.forward_flops); ratio: measured / analytic (target >= 0.8).")
+        "(visor_jax.flops.forward_flops); ratio: measured / analytic (target >= 0.9).")
 
   # Full budget against transformers, all runs interleaved in one group (same conditions).
+  layout = FLAGS.layouts[0]
   full_fwd = f"{rows[0]['name']}/forward"
-  compare = {"ours float32": fns[full_fwd]}
-  if not FLAGS.skip_bf16:
-    bf16_fns, _ = our_fns(dataclasses.replace(cfg, dtype="bfloat16"), state, batch, rows[:1],
-                          llm_too=False)
+  compare = {"ours float32": fns[f"{layout} {full_fwd}"]}
+  if not FLAGS.skip_bf16:  # bfloat16 compute over the same float32 weights
+    bf16_cfg = dataclasses.replace(cfg, dtype="bfloat16")
+    bf16 = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: LlavaOnevision(bf16_cfg,
+                                                                         rngs=nnx.Rngs(0)))),
+                     nnx.state(base))
+    bf16 = visor.serving_layout(bf16) if layout == "serving" else bf16
+    bf16_fns, _ = our_fns(bf16, batch, rows[:1], llm_too=False)
     compare["ours bfloat16 (float32 params)"] = bf16_fns[full_fwd]
   if not FLAGS.skip_torch:
     compare.update(torch_fns(model_cfg, sample, token_ids, image,
                              ["float32"] + ([] if FLAGS.skip_bf16 else ["bfloat16"])))
-  vs = interleaved_medians(compare, FLAGS.repeats) if len(compare) > 1 else {}
-  if vs:
-    print("\nFull budget (= LLaVA-OV) vs transformers' LlavaOnevisionForConditionalGeneration:")
-    for name, t in vs.items():
-      print(f"  {name:<32} {_ms(t):>7} ms")
+  compare["one matmul " + " x ".join(map(str, MATMUL))] = matmul_fn()
+  vs = interleaved_medians(compare, FLAGS.repeats)
+  rate = 2 * np.prod(MATMUL) / vs.pop("one matmul " + " x ".join(map(str, MATMUL))).seconds
+  print("\nFull budget (= LLaVA-OV) vs transformers' LlavaOnevisionForConditionalGeneration:")
+  for name, t in vs.items():
+    print(f"  {name:<32} {_ms(t):>7} ms")
   for ours_name, torch_name, target in (
       ("ours float32", "transformers float32 (sdpa)", " (target <= 0.75)"),
       ("ours bfloat16 (float32 params)", "transformers bfloat16 (sdpa)", "")):
     if ours_name in vs and torch_name in vs:
       print(f"  {ours_name} / {torch_name} = "
             f"{vs[ours_name].seconds / vs[torch_name].seconds:.2f}{target}")
+  floor = full["total"] / rate
+  print(f"  compute floor: {1e3 * floor:.0f} ms (the forward's {full['total'] / 1e9:.0f} GFLOPs "
+        f"at the rate of one {' x '.join(map(str, MATMUL))} float32 matmul timed in this "
+        f"group, {rate / 1e9:.0f} GFLOP/s)")
+  if "transformers float32 (sdpa)" in vs:
+    theirs = vs["transformers float32 (sdpa)"].seconds
+    print(f"  compute floor / transformers float32 = {floor / theirs:.2f} (0.75x would take "
+          f"{full['total'] / (0.75 * theirs) / 1e9:.0f} GFLOP/s over the whole forward)")
   disturbed = sum(t.disturbed for t in list(ours.values()) + list(vs.values()))
   print(f"\n{disturbed} run(s) disturbed by other processes were re-run; '*' marks a median "
         f"over disturbed runs. Wall time {time.perf_counter() - t_start:.0f} s; load average "

@@ -9,9 +9,9 @@ The cache holds, per request group (one budget per group), one array per layer:
 Requests are grouped by budget (the router's choice or a fixed one), so a cheap sample never
 pays for an expensive neighbour: each group runs its own prefill, compiled once per (batch
 shape, number of SA layers; which layers are SA stays data), and its own decode step, compiled
-once per (batch shape, budget): unrolled over the layers with per-layer weights, so a step
-reads each weight once and copies none. The router runs on the
-whole batch first (`LlavaOnevision.route`: vision tower + the layers before the first SA
+once per (batch shape, budget). Both are unrolled over the layers of the per-layer serving
+layout (`visor.serving_layout`), so a pass reads each weight in place and copies none. The router
+runs on the whole batch first (`LlavaOnevision.route`: vision tower + the layers before the first SA
 candidate), and the groups reuse its packed visual tokens, so the tower runs once.
 
 Prefill and decode step through the same layer body as the training forward
@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from visor_jax import budgets, distributed
+from visor_jax.models import visor
 from visor_jax.models.llava_onevision import LlavaOnevision
 from visor_jax.models.router import last_prompt_index
 from visor_jax.models.visor_layer import Past, Streams, visor_layer
@@ -56,10 +57,13 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
             tables: Mapping[str, Array], *, num_sa: int, num_ca: int, max_len: int):
   """Runs the prompt; returns (next-token logits float32[B, V], cache).
 
-  vis: packed visual tokens float[B, N, D] (before the positional conv), from `route` or
-  `visual_tokens`. Every sample of the batch uses the same budget `tables['bits']`.
+  model: the per-layer serving layout (`visor.serving_layout`). vis: packed visual tokens
+  float[B, N, D] (before the positional conv), from `route` or `visual_tokens`. Every sample
+  of the batch uses the same budget `tables['bits']`, data: one program per number of SA
+  layers, each layer a `lax.cond` between its SA and its text path.
   """
   dec, cfg = model.decoder, model.cfg
+  _check_per_layer(dec)
   t = model.embed[...][inputs["tokens"]].astype(model.dtype)
   v = dec.pos_conv(vis, inputs["vis_valid"]) if dec.pos_conv is not None else vis
   streams = Streams(inputs["text_pos"], inputs["vis_pos"], inputs["text_valid"],
@@ -67,23 +71,22 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
   b, n = v.shape[:2]
   kv_shape = (b, n, cfg.text.num_kv_heads, cfg.text.head_dim)
   zeros = lambda count: jnp.zeros((count, *kv_shape), t.dtype)  # noqa: E731
-  layer_def, layer_state = nnx.split(dec.layers)
-  if dec.cross is not None:
-    cross_def, cross_state = nnx.split(dec.cross)
+  ca_module = _layer_tables(cfg, np.zeros(cfg.num_layers, bool))["ca_module"]  # budget-free
+  carry = (t, v, zeros(num_sa), zeros(num_sa), zeros(num_ca), zeros(num_ca))
+  text_k, text_v = [], []
+  for l in range(cfg.num_layers):
+    layer = dec.layers[l]
+    cross = None if not num_ca else (lambda m=int(ca_module[l]): dec.cross[m])
+    bit, is_ca = tables["bits"][l], tables["is_ca"][l]
+    ca_slot, sa_slot = tables["ca_slot"][l], tables["sa_slot"][l]
 
-  def body(carry, xs):
-    st, bit, is_ca, ca_module, ca_slot, sa_slot = xs
-    layer = nnx.merge(layer_def, st)
-    cross = None if not num_ca else (
-        lambda: nnx.merge(cross_def, jax.tree.map(lambda a: a[ca_module], cross_state)))
-
-    def sa(c):
+    def sa(c, layer=layer, cross=cross, sa_slot=sa_slot):
       t, v, vk, vv, ck, cv = c
       t, v, kv = visor_layer(layer, cross, t, v, streams, sa=True, ca=False,
                              impl=cfg.attention_impl)
       return (t, v, vk.at[sa_slot].set(kv.vis[0]), vv.at[sa_slot].set(kv.vis[1]), ck, cv), kv.text
 
-    def text(c):
+    def text(c, layer=layer, cross=cross, is_ca=is_ca, ca_slot=ca_slot):
       t, v, vk, vv, ck, cv = c
       t, v, kv = visor_layer(layer, cross, t, v, streams, sa=False, ca=is_ca,
                              impl=cfg.attention_impl)
@@ -92,44 +95,39 @@ def prefill(model: LlavaOnevision, inputs: Mapping[str, Array], vis: Array,
         cv = cv.at[ca_slot].set(jnp.where(is_ca, kv.ca[1], cv[ca_slot]))
       return (t, v, vk, vv, ck, cv), kv.text
 
-    if not num_sa:  # static: no layer of this budget self-attends (and empty caches)
-      return text(carry)
-    return jax.lax.cond(bit, sa, text, carry)
-
-  carry = (t, v, zeros(num_sa), zeros(num_sa), zeros(num_ca), zeros(num_ca))
-  xs = (layer_state, tables["bits"], tables["is_ca"], tables["ca_module"], tables["ca_slot"],
-        tables["sa_slot"])
-  (t, _, vk, vv, ck, cv), (tk, tv) = jax.lax.scan(body, carry, xs)
-  pad = ((0, 0), (0, 0), (0, max_len - tk.shape[2]), (0, 0), (0, 0))
+    # static: no layer of this budget self-attends (and empty caches)
+    carry, (k, val) = text(carry) if not num_sa else jax.lax.cond(bit, sa, text, carry)
+    text_k.append(k)
+    text_v.append(val)
+  t, _, vk, vv, ck, cv = carry
+  pad = ((0, 0), (0, max_len - text_k[0].shape[1]), (0, 0), (0, 0))
   # One array per layer: decode_step reads (and updates) each layer's own.
-  cache = dict(text_k=list(jnp.pad(tk, pad)), text_v=list(jnp.pad(tv, pad)), vis_k=list(vk),
-               vis_v=list(vv), ca_k=list(ck), ca_v=list(cv))
+  cache = dict(text_k=[jnp.pad(k, pad) for k in text_k], text_v=[jnp.pad(v, pad) for v in text_v],
+               vis_k=list(vk), vis_v=list(vv), ca_k=list(ck), ca_v=list(cv))
   last = t[jnp.arange(b), last_prompt_index(streams.text_valid)]
   return model.logits(dec.norm(last)[:, None])[:, 0], cache
 
 
-def decode_step(model: LlavaOnevision, layers: Sequence, cross: Sequence, token: Array,
-                pos: Array, index: Array, cache: dict, vis_pos: Array, vis_valid: Array,
-                row: tuple[bool, ...]):
+def decode_step(model: LlavaOnevision, token: Array, pos: Array, index: Array, cache: dict,
+                vis_pos: Array, vis_valid: Array, row: tuple[bool, ...]):
   """One new token per sample → (logits float32[B, V], updated cache).
 
-  token int32[B]; pos int32[B] its position in the original sequence; index int32[B] its slot
-  in the text cache (= number of text tokens before it). `row` is the group's budget (static:
-  one program per budget), so each layer's path (SA, CA + text, text) is chosen at trace time.
+  model: the per-layer serving layout (`visor.serving_layout`). token int32[B]; pos int32[B] its
+  position in the original sequence; index int32[B] its slot in the text cache (= number of
+  text tokens before it). `row` is the group's budget (static: one program per budget), so
+  each layer's path (SA, CA + text, text) is chosen at trace time.
 
-  The layers are unrolled, each reading its own weights (`layers[l]`, `cross[m]`: per-layer
-  arrays, `split_layers`) and its own cache arrays: a step reads every weight once and copies
-  none. (A scan over the stacked weights copied each layer's slice out first, on every token.)
-  `model`'s own stacked layers are never read here, so XLA drops them.
+  The layers are unrolled, each reading its own weights and its own cache arrays: a step
+  reads every weight once and copies none. (A scan over stacked weights copied each layer's
+  slice out first, on every token: twice the time at 0.5B widths.)
   """
   dec, cfg = model.decoder, model.cfg
+  _check_per_layer(dec)
   tables = _layer_tables(cfg, np.asarray(row, bool))
   x = model.embed[...][token][:, None].astype(model.dtype)
   b, t_max = cache["text_k"][0].shape[:2]
   streams = Streams(pos[:, None], vis_pos, jnp.ones((b, 1), bool), vis_valid)
   past_text = jnp.arange(t_max)[None, :] < index[:, None]           # bool[B, T_max]
-  layer_def = nnx.graphdef(dec.layers)
-  cross_def = nnx.graphdef(dec.cross) if dec.cross is not None else None
   rows = jnp.arange(b)
   text_k, text_v = list(cache["text_k"]), list(cache["text_v"])
   for l in range(cfg.num_layers):
@@ -138,37 +136,18 @@ def decode_step(model: LlavaOnevision, layers: Sequence, cross: Sequence, token:
     past = Past(text=(text_k[l], text_v[l]), text_valid=past_text,
                 vis=(cache["vis_k"][sa_slot], cache["vis_v"][sa_slot]) if sa else None,
                 ca=(cache["ca_k"][ca_slot], cache["ca_v"][ca_slot]) if ca else None)
-    module = int(tables["ca_module"][l])
-    cross_module = lambda m=module: nnx.merge(cross_def, cross[m])  # noqa: E731
-    x, _, kv = visor_layer(nnx.merge(layer_def, layers[l]), cross_module, x, None, streams,
-                           sa=sa, ca=ca, impl=cfg.attention_impl, past=past)
+    cross = lambda m=int(tables["ca_module"][l]): dec.cross[m]  # noqa: E731
+    x, _, kv = visor_layer(dec.layers[l], cross, x, None, streams, sa=sa, ca=ca,
+                           impl=cfg.attention_impl, past=past)
     text_k[l] = text_k[l].at[rows, index].set(kv.text[0][:, 0])
     text_v[l] = text_v[l].at[rows, index].set(kv.text[1][:, 0])
   return model.logits(dec.norm(x))[:, 0], {**cache, "text_k": text_k, "text_v": text_v}
 
 
-def split_layers(state: nnx.State) -> tuple[nnx.State, list, list]:
-  """A model's state → (the state without the decoder's stacked `layers` and `cross`, the
-  per-layer states of `layers`, those of `cross`): the layout decoding reads (`decode_step`).
-  `join_layers` restacks them for the scanned paths (prefill, routing)."""
-  dec = state["decoder"]
-  per_layer = lambda stacked: [jax.tree.map(lambda a, i=i: a[i], stacked)  # noqa: E731
-                               for i in range(jax.tree.leaves(stacked)[0].shape[0])]
-  layers = per_layer(dec["layers"])
-  cross = per_layer(dec["cross"]) if "cross" in dec else []
-  rest = nnx.State(dict(state.items()))
-  rest["decoder"] = nnx.State({k: v for k, v in dec.items() if k not in ("layers", "cross")})
-  return rest, layers, cross
-
-
-def join_layers(rest: nnx.State, layers: Sequence, cross: Sequence) -> nnx.State:
-  """`split_layers`'s inverse, inside a jitted function: the stacked state again (a copy of
-  the layer weights where a caller reads them, nothing where it does not)."""
-  stack = lambda parts: jax.tree.map(lambda *xs: jnp.stack(xs), *parts)  # noqa: E731
-  full = nnx.State(dict(rest.items()))
-  extra = {"layers": stack(layers), **({"cross": stack(cross)} if cross else {})}
-  full["decoder"] = nnx.State({**rest["decoder"], **extra})
-  return full
+def _check_per_layer(dec) -> None:
+  if not isinstance(dec.layers, nnx.List):
+    raise ValueError("prefill/decode_step read the per-layer serving layout: pass "
+                     "visor.serving_layout(model) (the `Generator` does).")
 
 
 def sample_token(logits: Array, key: Array, temperature: float, top_p: float) -> Array:
@@ -200,12 +179,10 @@ class Generator:
 
   def __init__(self, model: LlavaOnevision):
     self.cfg = model.cfg
-    self.graphdef, state = nnx.split(model)
-    # The decoder's weights per layer (decode_step reads them without copies); `state` is
-    # (the rest, layers, cross). Each jitted entry restacks what it needs (join_layers).
-    self.state = split_layers(state)
-    g = self.graphdef
-    merge = lambda st: nnx.merge(g, join_layers(*st))  # noqa: E731
+    # The serving layout (`visor.serving_layout`): every layer loop below reads each weight in
+    # place. Its layer weights are a copy, made once here.
+    self.graphdef, self.state = nnx.split(visor.serving_layout(model))
+    merge = lambda st: nnx.merge(self.graphdef, st)  # noqa: E731
     self._route = jax.jit(lambda st, x, th: merge(st).route(x, th))
     self._visual = jax.jit(lambda st, x: merge(st).visual_tokens(
         x["pixels"], x["vis_src"], x["vis_weight"], x["vis_newline"]))
@@ -213,9 +190,8 @@ class Generator:
         lambda st, x, vis, tables, num_sa, num_ca, max_len: prefill(
             merge(st), x, vis, tables, num_sa=num_sa, num_ca=num_ca, max_len=max_len),
         static_argnums=(4, 5, 6))
-    self._decode = jax.jit(
-        lambda st, *args: decode_step(merge(st), st[1], st[2], *args),
-        donate_argnums=(4,), static_argnums=(7,))
+    self._decode = jax.jit(lambda st, *args: decode_step(merge(st), *args),
+                           donate_argnums=(4,), static_argnums=(7,))
 
   def generate(self, inputs: Mapping[str, np.ndarray], *, budget: np.ndarray | None = None,
                threshold: float | None = None, max_new_tokens: int = 16,

@@ -19,7 +19,8 @@ DEFAULT_INIT = nnx.initializers.normal(0.02)
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel (+ bias); kernel float[in, out] (torch Linear weight transposed)."""
+  """y = x @ kernel (+ bias); kernel float[in, out] (torch Linear weight transposed), or
+  float[out, in] once `transpose_kernel` has run (the serving layout, `visor.serving_layout`)."""
 
   def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=DEFAULT_INIT):
@@ -28,12 +29,26 @@ class Dense(nnx.Module):
     self.bias = (nnx.Param(jnp.zeros((d_out,), param_dtype), out_sharding=(axes[1],))
                  if bias else None)
     self.dtype = dtype
+    self.out_in = False  # kernel stored float[out, in]
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    y = jnp.einsum("...i,oi->...o", x, kernel) if self.out_in else jnp.dot(x, kernel)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+  def transpose_kernel(self) -> None:
+    """Stores the kernel as float[out, in] (a copy), so each output is a contiguous dot
+    product: a one-token decode step's matrix-vector products then stream the weights at the
+    memory bandwidth (~25 % faster on this CPU than over [in, out]); many-token matmuls run
+    the same either way."""
+    if not self.out_in:
+      axes = self.kernel.get_metadata().get("out_sharding")
+      self.kernel.set_value(self.kernel[...].T)
+      if axes:
+        self.kernel.set_metadata(out_sharding=tuple(axes)[::-1])
+      self.out_in = True
 
 
 class RMSNorm(nnx.Module):

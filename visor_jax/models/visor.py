@@ -19,6 +19,9 @@ prefill and decode run too.
 """
 from __future__ import annotations
 
+import functools
+from typing import TypeVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,12 +29,13 @@ from flax import nnx
 
 from visor_jax import sharding
 from visor_jax.config_lib import ModelConfig, TextConfig
-from visor_jax.models.nn import Mask, RMSNorm, attention
+from visor_jax.models.nn import Dense, Mask, RMSNorm, attention
 from visor_jax.models.qwen2 import Qwen2Attention, Qwen2Layer
 from visor_jax.models.router import Router, choose, last_prompt_index
 from visor_jax.models.visor_layer import Streams, visor_layer
 
 Array = jax.Array
+M = TypeVar("M", bound=nnx.Module)
 
 
 class CrossAttention(nnx.Module):
@@ -190,11 +194,13 @@ class VisorDecoder(nnx.Module):
                  start: int, stop: int, *, unroll: bool = False) -> tuple[Array, Array]:
     """Layers [start, stop); returns (text, vis) hidden states.
 
-    The budget is data: one `lax.scan` whose body `lax.switch`es on the layer's bits runs
-    every budget with one program. `unroll=True` is the explicit exception: the budget must be
-    concrete (numpy), the layers are unrolled in Python and the off paths dropped at trace
-    time, a program per budget. Only the FLOPs cross-check uses it (XLA's cost analysis counts
-    a loop body once); training and serving never do.
+    The budget is data: with stacked weights (training, checkpoints) one `lax.scan` whose body
+    `lax.switch`es on the layer's bits runs every budget with one program. With per-layer
+    weights (`serving_layout`) the same body is unrolled in Python, still one program for
+    every budget, and no step copies a layer's weights out of a stack. `unroll=True` is the
+    explicit exception: the budget must be concrete (numpy), the layers are unrolled and the
+    off paths dropped at trace time, a program per budget. Only the FLOPs cross-check uses it
+    (XLA's cost analysis counts a loop body once); training and serving never do.
     """
     cfg = self.cfg
     impl = cfg.attention_impl
@@ -211,17 +217,10 @@ class VisorDecoder(nnx.Module):
         raise ValueError("run_layers(unroll=True) needs a concrete budget, got a traced one.") \
             from None
 
-    layer_def, layer_state = nnx.split(self.layers)
-    layer_state = jax.tree.map(lambda a: a[start:stop], layer_state)
-    if self.cross is not None:
-      cross_def, cross_state = nnx.split(self.cross)
-
-    def body(carry, xs):
-      t, v = (sharding.constrain_batch(a) for a in carry)  # batch-split, not width-split
-      layer_state_l, bits, l_is_ca, l_ca_slot = xs
-      layer = nnx.merge(layer_def, layer_state_l)
-      cross = None if self.cross is None else (
-          lambda: nnx.merge(cross_def, jax.tree.map(lambda a: a[l_ca_slot], cross_state)))
+    def step(layer, cross, bits, l_is_ca, t, v):
+      """One layer for the whole batch: `cross` makes its CA module (None: the model has
+      none); `bits` bool[B] its SA bits; `l_is_ca` whether it is a CA layer."""
+      t, v = (sharding.constrain_batch(a) for a in (t, v))  # batch-split, not width-split
 
       def path(sa):  # one VISOR layer (`visor_layer.py`), SA on or off for the whole batch
         return lambda t, v: visor_layer(layer, cross, t, v, streams, sa=sa, ca=l_is_ca,
@@ -235,21 +234,85 @@ class VisorDecoder(nnx.Module):
 
       branches = [path(False), path(True), mixed]
       if static:
-        return branches[1 if bits.all() else 2 if bits.any() else 0](t, v), None
+        return branches[1 if bits.all() else 2 if bits.any() else 0](t, v)
       mode = jnp.where(jnp.all(bits), 1, jnp.where(jnp.any(bits), 2, 0))
       t, v = jax.lax.switch(mode, branches, t, v)
-      return (sharding.constrain_batch(t), sharding.constrain_batch(v)), None
+      return sharding.constrain_batch(t), sharding.constrain_batch(v)
+
+    if isinstance(self.layers, nnx.List) or static:  # a Python loop over the layers
+      if isinstance(self.layers, nnx.List):
+        layer_at, cross_at = self.layers.__getitem__, (
+            None if self.cross is None else self.cross.__getitem__)
+      else:
+        layer_at, cross_at = _slicer(self.layers), (
+            None if self.cross is None else _slicer(self.cross))
+      for l in range(start, stop):
+        cross = None if cross_at is None else (lambda m=int(ca_slot[l]): cross_at(m))
+        one = functools.partial(step, layer_at(l), cross, budget[:, l], bool(is_ca[l]))
+        text, vis = (jax.checkpoint(one) if cfg.remat else one)(text, vis)
+      return text, vis
+
+    layer_def, layer_state = nnx.split(self.layers)
+    layer_state = jax.tree.map(lambda a: a[start:stop], layer_state)
+    if self.cross is not None:
+      cross_def, cross_state = nnx.split(self.cross)
+
+    def body(carry, xs):
+      layer_state_l, bits, l_is_ca, l_ca_slot = xs
+      cross = None if self.cross is None else (
+          lambda: nnx.merge(cross_def, jax.tree.map(lambda a: a[l_ca_slot], cross_state)))
+      return step(nnx.merge(layer_def, layer_state_l), cross, bits, l_is_ca, *carry), None
 
     if cfg.remat:
       body = jax.checkpoint(body)
-    if static:
-      carry = (text, vis)
-      for l in range(start, stop):
-        xs = (jax.tree.map(lambda a: a[l - start], layer_state), budget[:, l], bool(is_ca[l]),
-              int(ca_slot[l]))
-        carry, _ = body(carry, xs)
-      return carry
     xs = (layer_state, budget.T[start:stop], jnp.asarray(is_ca[start:stop]),
           jnp.asarray(ca_slot[start:stop]))
     (text, vis), _ = jax.lax.scan(body, (text, vis), xs)
     return text, vis
+
+
+def _slicer(stacked: nnx.Module):
+  """i → the i-th module of a stacked one (a static slice of each weight: the FLOPs
+  cross-check's unrolled path, never timed)."""
+  graphdef, state = nnx.split(stacked)
+  return lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def _unstack(stacked: nnx.Module) -> nnx.List:
+  """A stacked module (`_stack`) → nnx.List of one module per layer, each weight its own array
+  (a copy, made once), its logical axes without the leading 'layers', its Dense kernels
+  stored [out, in] (`Dense.transpose_kernel`)."""
+  graphdef, state = nnx.split(stacked)
+  n = jax.tree.leaves(state)[0].shape[0]
+  modules = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
+  for module in modules:
+    for _, var in nnx.iter_graph(module):
+      if isinstance(var, nnx.Variable):
+        axes = var.get_metadata().get("out_sharding")
+        if axes and axes[0] == "layers":
+          var.set_metadata(out_sharding=tuple(axes[1:]))
+    for _, node in nnx.iter_graph(module):
+      if isinstance(node, Dense):
+        node.transpose_kernel()
+  return nnx.List(modules)
+
+
+def serving_layout(model: M) -> M:
+  """A serving copy of `model` (a `LlavaOnevision` or `VisorDecoder`) whose decoder holds one
+  module per LLM layer and per CA module instead of stacked weights (MaxText's
+  `scan_layers=False`), their Dense kernels stored [out, in]. Every layer loop (forward,
+  routing, prefill, decode) then reads each weight in place: over stacked weights XLA copies
+  each layer's slice out first, on every call (~5.6 ms a layer at 0.5B widths on this CPU: a
+  third of a 65-token text-only layer, noise beside a 1,549-token SA one); and a one-token
+  decode step's matrix-vector products stream [out, in] weights at the memory bandwidth. The
+  price is a compile time that grows with depth, so training and checkpoints keep the stacked
+  [in, out] layout (one scanned body). The copy's other weights are `model`'s own arrays; the
+  layer weights are copied once."""
+  graphdef, state = nnx.split(model)
+  out = nnx.merge(graphdef, state)  # new module objects over the same arrays
+  dec = out if isinstance(out, VisorDecoder) else out.decoder
+  if not isinstance(dec.layers, nnx.List):
+    dec.layers = _unstack(dec.layers)
+    if dec.cross is not None:
+      dec.cross = _unstack(dec.cross)
+  return out
