@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model_fixtures import random_qkv as _qkv
 from model_fixtures import tiny_models_and_samples
 from visor_jax import budgets, config_lib, model_configs
 from visor_jax.data import inputs as inputs_lib
@@ -15,12 +16,6 @@ from visor_jax.models import token_reduction as tr
 from visor_jax.models.nn import Mask, attention
 
 ATOL = 1e-5
-
-
-def _qkv(b, t, s, n, k, h, seed=0):
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32)
-               for shape in ((b, t, n, h), (b, s, k, h), (b, s, k, h)))
 
 
 def _vis_text_streams(n_vis=(29, 41), n_text=(13, 19), prefix=3):

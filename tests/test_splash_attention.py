@@ -9,78 +9,35 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model_fixtures import tiny_models_and_samples
+from model_fixtures import (assert_valid_rows_equal, cross_attention_case, self_attention_case,
+                            tiny_models_and_samples, unmasked_case)
 from visor_jax import budgets, config_lib, model_configs
 from visor_jax.data import inputs as inputs_lib
 from visor_jax.models import splash_attention as spl
-from visor_jax.models.nn import Mask, attention
 
 ATOL = 1e-5
-
-
-def _qkv(b, t, s, n, k, h, seed=0):
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.normal(size=shape), jnp.float32)
-               for shape in ((b, t, n, h), (b, s, k, h), (b, s, k, h)))
-
-
-def _shuffled_positions(lengths, total, seed=0):
-  """Per sample: `length` valid tokens at distinct positions in a random array order (as
-  VISOR's [visual; text] SA stream, whose order is not position order), then padding at
-  position 0. → (pos int32[B, total], valid bool[B, total])."""
-  rng = np.random.default_rng(seed)
-  pos, valid = [], []
-  for n in lengths:
-    p = rng.permutation(rng.choice(3 * total, size=n, replace=False))
-    pos.append(np.r_[p, np.zeros(total - n)])
-    valid.append(np.arange(total) < n)
-  return jnp.asarray(np.stack(pos), jnp.int32), jnp.asarray(np.stack(valid))
-
-
-def _assert_valid_rows_equal(q, k, v, mask, rows):
-  """splash vs xla on the rows (bool[B, T]) a caller reads: outputs, and gradients of a
-  random-weighted sum of those rows w.r.t. q, k, v."""
-  w = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)
-  w = w * rows[:, :, None, None]
-  out = {impl: attention(q, k, v, mask, implementation=impl) for impl in ("splash", "xla")}
-  sel = np.asarray(rows)
-  np.testing.assert_allclose(np.asarray(out["splash"])[sel], np.asarray(out["xla"])[sel],
-                             atol=ATOL, rtol=0)
-  grads = {impl: jax.grad(lambda *a: jnp.sum(attention(*a, mask, implementation=impl) * w),
-                          argnums=(0, 1, 2))(q, k, v) for impl in ("splash", "xla")}
-  for a, b in zip(grads["splash"], grads["xla"]):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, rtol=0)
 
 
 def test_causal_self_attention_out_of_position_order_with_padding():
   """Grouped-query heads (4 query heads on 2 kv heads), two samples with different padding,
   positions shuffled in array order: sorted by position inside, unsorted after."""
-  pos, valid = _shuffled_positions((150, 97), 160)
-  q, k, v = _qkv(2, 160, 160, 4, 2, 16)
-  mask = Mask(valid, pos, pos, causal=True)
-  assert spl.use_splash(mask)
-  _assert_valid_rows_equal(q, k, v, mask, valid)
+  case = self_attention_case()
+  assert spl.use_splash(case[3])
+  assert_valid_rows_equal("splash", *case)
 
 
 def test_unmasked_attention_padded_to_a_block():
   """SigLIP's case: no mask, 100 patches padded to 128 inside (the padding is its own segment,
   so real queries never see it)."""
-  q, k, v = _qkv(2, 100, 100, 3, 3, 8, seed=1)
-  _assert_valid_rows_equal(q, k, v, None, jnp.ones((2, 100), bool))
+  assert_valid_rows_equal("splash", *unmasked_case())
 
 
 def test_cross_attention_falls_back_to_blockwise():
   """Text queries over visual keys at other positions: no static splash mask says that, so
   'splash' routes it to the blockwise kernel, still exact."""
-  rng = np.random.default_rng(3)
-  v_pos = jnp.asarray(np.sort(rng.choice(200, size=(2, 40)), axis=1), jnp.int32)
-  t_pos = jnp.asarray(np.sort(rng.choice(200, size=(2, 12)), axis=1), jnp.int32)
-  v_valid = jnp.asarray(np.arange(40)[None] < np.array([[40], [31]]))
-  mask = Mask(v_valid, t_pos, v_pos, causal=True)
-  assert not spl.use_splash(mask)
-  q, k, v = _qkv(2, 12, 40, 4, 2, 8, seed=2)
-  sees_a_key = mask.has_key()  # rows with no visible key: callers zero them
-  _assert_valid_rows_equal(q, k, v, mask, sees_a_key)
+  case = cross_attention_case()
+  assert not spl.use_splash(case[3])
+  assert_valid_rows_equal("splash", *case)
 
 
 def test_block_sizes_divide_the_padded_length():

@@ -114,7 +114,8 @@ class ModelConfig:
   dtype: str = "float32"          # compute dtype (activations, matmuls)
   param_dtype: str = "float32"    # storage dtype of parameters
   # None: 'blockwise' on CPU, 'xla' elsewhere; 'xla': jax.nn.dot_product_attention's XLA
-  # path; 'cudnn': its fused GPU kernel;
+  # path; 'cudnn': its fused GPU kernel (bf16/fp16) for self-attention, blockwise for the rest
+  # (models/cudnn_attention.py);
   # 'blockwise': flash-style plain JAX, no [T, T] array (models/blockwise_attention.py);
   # 'splash': the Pallas TPU kernel for self-attention, blockwise for the rest
   # (models/splash_attention.py; interpret mode off TPU).
@@ -234,6 +235,9 @@ def model_config(m: ml_collections.ConfigDict | dict) -> ModelConfig:
   if attention_impl is not None and attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention_impl={attention_impl!r} is not one of "
                      f"{ATTENTION_IMPLS} or None.")
+  if attention_impl == "cudnn" and m.dtype == "float32":
+    raise ValueError("model.attention_impl='cudnn': cuDNN's kernel computes in bfloat16 or "
+                     "float16; set model.dtype='bfloat16' (or pick 'xla' / 'blockwise').")
   r = m.get("router") or {}
   feasible = tuple(sorted((tuple(sorted(int(i) for i in b)) for b in (r.get("feasible") or ())),
                          key=len))  # cheapest (fewest SA layers) first

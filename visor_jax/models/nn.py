@@ -12,6 +12,7 @@ from flax import nnx
 
 from visor_jax.config_lib import ATTENTION_IMPLS
 from visor_jax.models.blockwise_attention import blockwise_attention
+from visor_jax.models.cudnn_attention import cudnn_attention, use_cudnn
 from visor_jax.models.splash_attention import splash_attention, use_splash
 
 Array = jax.Array
@@ -166,8 +167,8 @@ def attention(q: Array, k: Array, v: Array, mask: Array | Mask | None, *,
 
   implementation (`model.attention_impl`): None — `default_implementation()`; 'xla' —
   jax.nn.dot_product_attention's XLA path (materialises the float32 [B, N, T, S]
-  probabilities); 'cudnn' — its cuDNN fused kernel
-  (GPU only); 'blockwise' — `blockwise_attention`, flash-style, no [T, S] array when `mask` is
+  probabilities); 'cudnn' — its cuDNN fused kernel (GPU, bf16/fp16) for unmasked and causal
+  self-attention (`cudnn_attention`), 'blockwise' for the rest; 'blockwise' — `blockwise_attention`, flash-style, no [T, S] array when `mask` is
   a `Mask`, and key blocks wholly after a query block's last position are skipped; 'splash' —
   the Pallas TPU kernel (`splash_attention`; interpret mode off TPU) for unmasked and causal
   self-attention, 'blockwise' for the rest.
@@ -175,7 +176,9 @@ def attention(q: Array, k: Array, v: Array, mask: Array | Mask | None, *,
   impl = check_implementation(implementation)
   if impl == "splash" and use_splash(mask):
     return splash_attention(q, k, v, mask)
-  if impl in ("blockwise", "splash"):  # splash's other cases: exact for any mask
+  if impl == "cudnn" and use_cudnn(mask):
+    return cudnn_attention(q, k, v, mask)
+  if impl in ("blockwise", "splash", "cudnn"):  # the kernels' other cases: exact for any mask
     if isinstance(mask, Mask):
       return blockwise_attention(q, k, v, q_pos=mask.q_pos, k_pos=mask.k_pos,
                                  k_valid=mask.k_valid, causal=mask.causal)

@@ -78,11 +78,8 @@ def splash_attention(q: Array, k: Array, v: Array, mask) -> Array:
                      "whose q_pos is its k_pos (use_splash); got another case.")
   causal = mask is not None
   if causal:
-    key = jnp.where(mask.k_valid, mask.k_pos, _INT_MAX)
-    order = jnp.argsort(key, axis=1, stable=True)                        # [B, T]
-    seg = jnp.take_along_axis(mask.k_valid, order, axis=1).astype(jnp.int32)
-    take = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)  # noqa: E731
-    q, k, v = take(q), take(k), take(v)
+    order, valid, (q, k, v) = sort_by_position(mask, q, k, v)
+    seg = valid.astype(jnp.int32)
   else:
     seg = jnp.ones((b, t), jnp.int32)
   length = -(-t // BLOCK) * BLOCK
@@ -96,6 +93,21 @@ def splash_attention(q: Array, k: Array, v: Array, mask) -> Array:
   per_head = lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s))  # noqa: E731
   out = jax.vmap(jax.vmap(per_head, in_axes=(0, 0, 0, None)))(q, k, v, seg)  # [B, K, G, L, H]
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)[:, :t]
-  if causal:
-    out = jnp.zeros_like(out).at[jnp.arange(b)[:, None], order].set(out)  # unsort
-  return out
+  return unsort(out, order) if causal else out
+
+
+def sort_by_position(mask, *xs: Array) -> tuple[Array, Array, tuple[Array, ...]]:
+  """Causal self-attention in position order: → (order int32[B, T], valid bool[B, T] sorted,
+  each x float[B, T, ...] sorted), valid tokens by position first, invalid ones last. Then
+  "key position <= query position" is "key index <= query index" for the valid tokens
+  (positions distinct). O(T) gathers; `unsort` puts an output back."""
+  key = jnp.where(mask.k_valid, mask.k_pos, _INT_MAX)
+  order = jnp.argsort(key, axis=1, stable=True)                          # [B, T]
+  take = lambda x: jnp.take_along_axis(  # noqa: E731
+      x, order.reshape(*order.shape, *([1] * (x.ndim - 2))), axis=1)
+  return order, jnp.take_along_axis(mask.k_valid, order, axis=1), tuple(map(take, xs))
+
+
+def unsort(out: Array, order: Array) -> Array:
+  """`sort_by_position`'s inverse on an output float[B, T, ...]."""
+  return jnp.zeros_like(out).at[jnp.arange(out.shape[0])[:, None], order].set(out)
