@@ -9,10 +9,11 @@ The cache holds, per request group (one budget per group), one array per layer:
 Requests are grouped by budget (the router's choice or a fixed one), so a cheap sample never
 pays for an expensive neighbour: each group runs its own prefill, compiled once per (batch
 shape, number of SA layers; which layers are SA stays data), and its own decode step, compiled
-once per (batch shape, budget). Both are unrolled over the layers of the per-layer serving
-layout (`visor.serving_layout`), so a pass reads each weight in place and copies none. The router
-runs on the whole batch first (`LlavaOnevision.route`: vision tower + the layers before the first SA
-candidate), and the groups reuse its packed visual tokens, so the tower runs once.
+once per (batch shape, budget). Both are unrolled over the layers of the serving layout
+(`visor.serving_layout`: per-layer weights), so a pass reads each weight in place and copies
+none. The router runs on the whole batch first (`LlavaOnevision.route`: vision tower + the
+layers before the first SA candidate), and the groups reuse its packed visual tokens, so the
+tower runs once.
 
 Prefill and decode step through the same layer body as the training forward
 (`models/visor_layer.py`): they differ only in what they keep (prefill the keys/values) and

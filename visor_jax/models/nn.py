@@ -168,8 +168,9 @@ def attention(q: Array, k: Array, v: Array, mask: Array | Mask | None, *,
   implementation (`model.attention_impl`): None — `default_implementation()`; 'xla' —
   jax.nn.dot_product_attention's XLA path (materialises the float32 [B, N, T, S]
   probabilities); 'cudnn' — its cuDNN fused kernel (GPU, bf16/fp16) for unmasked and causal
-  self-attention (`cudnn_attention`), 'blockwise' for the rest; 'blockwise' — `blockwise_attention`, flash-style, no [T, S] array when `mask` is
-  a `Mask`, and key blocks wholly after a query block's last position are skipped; 'splash' —
+  self-attention (`cudnn_attention`), 'blockwise' for the rest; 'blockwise' —
+  `blockwise_attention`, flash-style, no [T, S] array when `mask` is a `Mask`, and key blocks
+  wholly after a query block's last position are skipped; 'splash' —
   the Pallas TPU kernel (`splash_attention`; interpret mode off TPU) for unmasked and causal
   self-attention, 'blockwise' for the rest.
   """

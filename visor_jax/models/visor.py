@@ -272,8 +272,8 @@ class VisorDecoder(nnx.Module):
 
 
 def _slicer(stacked: nnx.Module):
-  """i → the i-th module of a stacked one (a static slice of each weight: the FLOPs
-  cross-check's unrolled path, never timed)."""
+  """i → the i-th module of a stacked one, sliced from its weights (traced: the FLOPs
+  cross-check's unrolled path, never timed; eager: `_unstack`'s copies)."""
   graphdef, state = nnx.split(stacked)
   return lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
@@ -282,18 +282,16 @@ def _unstack(stacked: nnx.Module) -> nnx.List:
   """A stacked module (`_stack`) → nnx.List of one module per layer, each weight its own array
   (a copy, made once), its logical axes without the leading 'layers', its Dense kernels
   stored [out, in] (`Dense.transpose_kernel`)."""
-  graphdef, state = nnx.split(stacked)
-  n = jax.tree.leaves(state)[0].shape[0]
-  modules = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
+  take = _slicer(stacked)
+  modules = [take(i) for i in range(jax.tree.leaves(nnx.state(stacked))[0].shape[0])]
   for module in modules:
-    for _, var in nnx.iter_graph(module):
-      if isinstance(var, nnx.Variable):
-        axes = var.get_metadata().get("out_sharding")
-        if axes and axes[0] == "layers":
-          var.set_metadata(out_sharding=tuple(axes[1:]))
-    for _, node in nnx.iter_graph(module):
-      if isinstance(node, Dense):
-        node.transpose_kernel()
+    nodes = [node for _, node in nnx.iter_graph(module)]
+    for var in (n for n in nodes if isinstance(n, nnx.Variable)):
+      axes = var.get_metadata().get("out_sharding")
+      if axes and axes[0] == "layers":
+        var.set_metadata(out_sharding=tuple(axes[1:]))
+    for dense in (n for n in nodes if isinstance(n, Dense)):  # after: it reverses the axes
+      dense.transpose_kernel()
   return nnx.List(modules)
 
 
