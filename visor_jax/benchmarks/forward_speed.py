@@ -347,9 +347,10 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS.skip_torch:
     compare.update(torch_fns(model_cfg, sample, token_ids, image,
                              ["float32"] + ([] if FLAGS.skip_bf16 else ["bfloat16"])))
-  compare["one matmul " + " x ".join(map(str, MATMUL))] = matmul_fn()
+  matmul = " x ".join(map(str, MATMUL))
+  compare[f"one matmul {matmul}"] = matmul_fn()
   vs = interleaved_medians(compare, FLAGS.repeats)
-  rate = 2 * np.prod(MATMUL) / vs.pop("one matmul " + " x ".join(map(str, MATMUL))).seconds
+  rate = 2 * np.prod(MATMUL) / vs.pop(f"one matmul {matmul}").seconds
   print("\nFull budget (= LLaVA-OV) vs transformers' LlavaOnevisionForConditionalGeneration:")
   for name, t in vs.items():
     print(f"  {name:<32} {_ms(t):>7} ms")
@@ -361,7 +362,7 @@ def main(argv: Sequence[str]) -> None:
             f"{vs[ours_name].seconds / vs[torch_name].seconds:.2f}{target}")
   floor = full["total"] / rate
   print(f"  compute floor: {1e3 * floor:.0f} ms (the forward's {full['total'] / 1e9:.0f} GFLOPs "
-        f"at the rate of one {' x '.join(map(str, MATMUL))} float32 matmul timed in this "
+        f"at the rate of one {matmul} float32 matmul timed in this "
         f"group, {rate / 1e9:.0f} GFLOP/s)")
   if "transformers float32 (sdpa)" in vs:
     theirs = vs["transformers float32 (sdpa)"].seconds
